@@ -93,12 +93,15 @@ class _FixedPointFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         step, forward, estimator, keys, record, x, z0, *param_values = inputs
         ctx.step, ctx.estimator, ctx.keys, ctx.record = step, estimator, keys, record
+        # the forward solve just appended its FixedPoint: the backward may reuse what it learnt (SHINE)
+        ctx.fixed_point = record.forward[-1] if record.forward else None
         ctx.save_for_backward(output, x, *param_values)
 
     @staticmethod
     def backward(ctx, grad_z):
         z, x, *param_values = ctx.saved_tensors
-        grads = _AdjointPullback.apply(ctx.step, ctx.estimator, ctx.keys, ctx.record, grad_z, z, x, *param_values)
+        grads = _AdjointPullback.apply(ctx.step, ctx.estimator, ctx.keys, ctx.record, ctx.fixed_point, grad_z, z, x,
+                                       *param_values)
         # z* does not depend on z0: its gradient is exactly zero (filled so that an initialisation's
         # parameters get a .grad of zero rather than None)
         grad_z0 = torch.zeros_like(z) if ctx.needs_input_grad[6] else None
@@ -118,9 +121,9 @@ class _AdjointPullback(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(step, estimator, keys, record, grad_z, z, x, *param_values):
+    def forward(step, estimator, keys, record, fixed_point, grad_z, z, x, *param_values):
         params = dict(zip(keys, param_values))
-        lin = Linearisation(step, params, x, z, record)
+        lin = Linearisation(step, params, x, z, record, fixed_point)
         u = estimator.adjoint_vector(lin, grad_z.reshape(z.shape[0], -1), record)
         grad_params, grad_x = lin.pullback(u)
         return (grad_x, *[grad_params[k] for k in keys])
@@ -135,15 +138,15 @@ class _AdjointPullback(torch.autograd.Function):
                                   "adjoint) is not supported; use backward=Unrolled(T) for higher derivatives")
 
     @staticmethod
-    def vmap(info, in_dims, step, estimator, keys, record, grad_z, z, x, *param_values):
-        g_dim, z_dim, x_dim = in_dims[4:7]
-        p_dims = in_dims[7:]
+    def vmap(info, in_dims, step, estimator, keys, record, fixed_point, grad_z, z, x, *param_values):
+        g_dim, z_dim, x_dim = in_dims[5:8]
+        p_dims = in_dims[8:]
         V = info.batch_size
         if any(d is not None for d in p_dims):
             outs = []
             for i in range(V):
-                sl = [t if d is None else t.select(d, i) for t, d in zip((grad_z, z, x, *param_values), in_dims[4:])]
-                outs.append(_AdjointPullback.apply(step, estimator, keys, record, *sl))
+                sl = [t if d is None else t.select(d, i) for t, d in zip((grad_z, z, x, *param_values), in_dims[5:])]
+                outs.append(_AdjointPullback.apply(step, estimator, keys, record, None, *sl))
             return tuple(torch.stack(o) for o in zip(*outs)), (0,) * (1 + len(keys))
 
         def front(t, d):
@@ -153,7 +156,9 @@ class _AdjointPullback(torch.autograd.Function):
         b = z.shape[1]
         params = dict(zip(keys, param_values))
         zm, xm = z.reshape(V * b, *z.shape[2:]), x.reshape(V * b, *x.shape[2:])
-        lin = Linearisation(step, params, xm, zm, record)
+        # the forward's FixedPoint is reusable only if it describes this very (folded) batch
+        fp = fixed_point if fixed_point is not None and fixed_point.z.shape == zm.shape else None
+        lin = Linearisation(step, params, xm, zm, record, fp)
         u = estimator.adjoint_vector(lin, grad_z.reshape(V * b, -1), record).reshape(z.shape)
 
         def pull(zv, xv, uv):
@@ -192,6 +197,7 @@ def fixed_point(step: Callable, params: Mapping[str, Tensor], x: Tensor, z0: Ten
         raise ValueError("fixed_point: FiniteDifference is a reference for fpgrad.gradient, not a backward pass; "
                          "use Implicit(solver='dense') for an exact backward")
     solver = _default_forward(z0.dtype) if forward is None else get_forward(forward)
+    estimator.check_forward(solver)
     record = CostRecord() if record is None else record
     params = dict(params)
     if check and not torch._C._functorch.is_functorch_wrapped_tensor(z0) \

@@ -200,3 +200,12 @@ def test_no_warning_when_everything_converges():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fpgrad.solve(m, x)
+
+
+def test_a_tolerance_below_float32_round_off_is_named_as_such():
+    m = fpgrad.maps.tanh_rnn(n=30, spectral_radius=0.5, seed=0, dtype=torch.float32)
+    x = torch.randn(2, 30, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(fpgrad.errors.ConvergenceWarning, match="round-off floor of float32"):
+        fp = fpgrad.solve(m, x, torch.zeros(2, 30), method="anderson", tol=1e-12, max_iter=100)
+    assert not bool(fp.converged.any())
+    assert "not contractive" not in fp.message

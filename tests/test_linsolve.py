@@ -282,9 +282,31 @@ def test_residual_trace_has_a_row_per_iteration_starting_from_the_initial_guess(
     sol = solve(name, p, x0=x0)
     assert sol.residuals.shape[1] == 3
     assert sol.residuals.shape[0] - 1 >= int(sol.iterations.max())     # equal unless a sample sat out a cycle
-    torch.testing.assert_close(sol.residuals[0], p.residual(x0))
+    # row 0 is the residual of the guess actually used: x0, or zero where x0 was worse than zero
+    guess = p.residual(x0)
+    worse = guess > 1
+    torch.testing.assert_close(sol.residuals[0], torch.where(worse, torch.ones_like(guess), guess))
+    assert torch.equal(sol.rejected_guess, worse)
     torch.testing.assert_close(sol.residual, p.residual(sol.u), rtol=1e-6, atol=1e-14)
     assert "converged" in sol.message
+
+
+@pytest.mark.parametrize("name", ["gmres", "bicgstab", "neumann", "cg_normal"])
+def test_a_good_initial_guess_is_used_and_a_bad_one_is_dropped(name):
+    p = problem_for(name, 40, [0.9, 0.2, 0.5], seed=3)
+    cold = solve(name, p)
+    exact = cold.u
+    g = torch.Generator().manual_seed(1)
+    good = exact + 1e-4 * torch.randn(exact.shape, generator=g, dtype=exact.dtype)
+    bad = exact + 1e3 * torch.randn(exact.shape, generator=g, dtype=exact.dtype)
+    x0 = torch.stack([good[0], bad[1], good[2]])
+    sol = solve(name, p, x0=x0)
+    assert sol.rejected_guess.tolist() == [False, True, False]
+    torch.testing.assert_close(sol.residuals[0], torch.stack([p.residual(x0)[0], torch.tensor(1.0, dtype=x0.dtype),
+                                                              p.residual(x0)[2]]))
+    assert sol.converged.all()
+    assert int(sol.iterations[0]) < int(cold.iterations[0])
+    assert int(sol.iterations[2]) < int(cold.iterations[2])
 
 
 def test_gmres_needs_as_many_matvecs_as_scipy():

@@ -13,6 +13,7 @@ from ._adjoint import Implicit, Neumann, Phantom
 from ._base import Cost, CostRecord, Estimator, Gradient, Linearisation
 from ._finite_difference import FiniteDifference
 from ._native import OneStep, Truncated, Unrolled
+from ._reuse import WarmStart
 
 ESTIMATORS = {
     "unrolled": Unrolled,
@@ -78,5 +79,6 @@ __all__ = [
     "Phantom",
     "Truncated",
     "Unrolled",
+    "WarmStart",
     "get_estimator",
 ]

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceError, ConvergenceWarning, DivergenceError
+from ..errors import ConvergenceError, ConvergenceWarning, DivergenceError, ShapeError
 from ._base import CostRecord, Estimator, Linearisation
+from ._reuse import refine
 
 _GROWTH_LIMIT = 1e6
 
@@ -108,16 +109,32 @@ class Phantom(Estimator):
         return self.tau * u
 
 
+_PRECONDITIONABLE = ("gmres", "bicgstab", "neumann", "cg_normal", "gcrodr")
+_INVERSE_FORWARD = ("anderson", "broyden")
+
+
 @dataclass(frozen=True)
 class Implicit(Estimator):
     """Exact implicit gradient: solve (I - J^T) u = g, then grad = (df/d(params, x))^T u.
 
-    solver: "gmres" | "bicgstab" | "cg_normal" | "cg" (symmetric J only; checked) | "neumann" | "dense".
-    tol: relative residual of the adjoint solve (default by dtype: 1e-8 in float64, 1e-5 in float32,
-    1e-3 in half precision). A diverged solve raises DivergenceError; one that stops
-    at max_iter warns (ConvergenceWarning) or raises with throw=True. The LinearSolution is kept in
+    solver: "gmres" | "bicgstab" | "cg_normal" | "cg" (symmetric J only; checked) | "neumann" | "dense" |
+    "gcrodr" (GMRES with a recycled subspace). tol: relative residual of the adjoint solve (default by dtype:
+    1e-8 in float64, 1e-5 in float32, 1e-3 in half precision). A diverged solve raises DivergenceError; one
+    that stops at max_iter warns (ConvergenceWarning) or raises with throw=True. The LinearSolution is kept in
     the CostRecord (`record.solves`). The gradient is exact only at a fixed point: a state whose relative
     residual exceeds fixed_point_rtol (None: no check) is warned about (ConvergenceWarning).
+
+    Reuse (each still drives the residual to tol and reports it; a guess worse than zero is dropped):
+    precondition="forward": right-precondition the Krylov solve with the forward solver's inverse estimate
+        (SHINE, Ramzi et al. 2022): (I - J^T)^{-1} ~ I - V U^T from Broyden's or Anderson's secant updates
+        (forward="broyden" / "anderson"; checked when fixed_point is called).
+    initial_guess="forward": start from that estimate applied to g (SHINE's answer, used as a guess).
+    warm_start: a WarmStart the caller owns: the previous adjoint of the same sample (bound ids) or batch.
+    recycle: a RecycleSpace the caller owns: GCRO-DR recycling of the slow eigenvectors across solves
+        (solver "gcrodr"; the default "gmres" is switched to it).
+    mixed_precision: a lower dtype (torch.float32 for a float64 map): Krylov products in that dtype, the
+        residual corrected in the map's dtype (iterative refinement, at most max_refinements); the accuracy
+        reached is the full-precision residual, measured.
     """
 
     solver: str = "gmres"
@@ -126,14 +143,56 @@ class Implicit(Estimator):
     throw: bool = False
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     fixed_point_rtol: float | None = 1e-3
+    precondition: str | None = None
+    initial_guess: str | None = None
+    warm_start: Any = field(default=None, hash=False, compare=False)
+    recycle: Any = field(default=None, hash=False, compare=False)
+    mixed_precision: torch.dtype | None = None
+    max_refinements: int = 10
 
     name = "implicit"
     adjoint = True
 
     def __post_init__(self):
         from ..linsolve import SOLVERS
+        if self.recycle is not None and self.solver == "gmres":
+            object.__setattr__(self, "solver", "gcrodr")
         if self.solver not in SOLVERS:
             raise ValueError(f"Implicit: unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
+        if self.recycle is not None and self.solver != "gcrodr":
+            raise ValueError(f"Implicit: recycle= needs solver='gcrodr' (GMRES with a recycled subspace), got "
+                             f"solver={self.solver!r}")
+        if self.precondition not in (None, "forward"):
+            raise ValueError(f"Implicit: precondition must be None or 'forward', got {self.precondition!r}")
+        if self.initial_guess not in (None, "forward"):
+            raise ValueError(f"Implicit: initial_guess must be None or 'forward', got {self.initial_guess!r}")
+        if self.precondition is not None and self.solver not in _PRECONDITIONABLE:
+            raise ValueError(f"Implicit: solver={self.solver!r} cannot use precondition='forward' (CG needs a "
+                             "symmetric positive definite preconditioner, the dense solve none); use one of "
+                             f"{', '.join(_PRECONDITIONABLE)}")
+        if self.warm_start is not None and self.initial_guess is not None:
+            raise ValueError("Implicit: give warm_start or initial_guess='forward', not both (one initial guess)")
+        if self.warm_start is not None and not hasattr(self.warm_start, "guess"):
+            raise TypeError(f"Implicit: warm_start must be an fpgrad.estimators.WarmStart, got "
+                            f"{type(self.warm_start).__name__}")
+        if self.mixed_precision is not None:
+            if not (isinstance(self.mixed_precision, torch.dtype) and self.mixed_precision.is_floating_point):
+                raise TypeError(f"Implicit: mixed_precision must be a floating torch.dtype (e.g. torch.float32), "
+                                f"got {self.mixed_precision!r}")
+            if self.solver == "dense":
+                raise ValueError("Implicit: mixed_precision needs an iterative solver, not 'dense'")
+
+    @property
+    def uses_forward_inverse(self) -> bool:
+        return self.precondition == "forward" or self.initial_guess == "forward"
+
+    def check_forward(self, forward) -> None:
+        """Refuse a forward solver that cannot give what this estimator reuses (called by fixed_point)."""
+        if self.uses_forward_inverse and getattr(forward, "name", None) not in _INVERSE_FORWARD:
+            raise ValueError(f"Implicit(precondition={self.precondition!r}, initial_guess={self.initial_guess!r}) "
+                             f"reuses the forward solver's inverse-Jacobian estimate, which forward="
+                             f"{getattr(forward, 'name', forward)!r} does not build: use forward='broyden' or "
+                             "'anderson'")
 
     def linear_solver(self, dtype: torch.dtype = torch.float64):
         from ..linsolve import get_solver
@@ -141,21 +200,57 @@ class Implicit(Estimator):
         kw["tol"] = self.tol if self.tol is not None else default_tolerance(dtype)
         if self.max_iter is not None and self.solver != "dense":
             kw["max_iter"] = self.max_iter
+        if self.recycle is not None:
+            kw["space"] = self.recycle
         return get_solver(self.solver, **kw)
+
+    def _forward_inverse(self, lin: Linearisation, g: Tensor):
+        fp = lin.forward
+        inverse = None if fp is None else fp.info.get("inverse")
+        if inverse is None:
+            raise ValueError(f"Implicit(precondition={self.precondition!r}, initial_guess={self.initial_guess!r}): "
+                             "no inverse-Jacobian estimate from the forward solve reached the backward (forward "
+                             "solver other than broyden/anderson, or a Linearisation built without forward=)")
+        B, n = g.shape
+        if inverse.U.shape[:2] != (B, n):
+            raise ShapeError(f"Implicit: the forward solver's inverse estimate is for {tuple(inverse.U.shape[:2])} "
+                             f"(batch, n) but the adjoint system is {(B, n)}")
+        return inverse
 
     def adjoint_vector(self, lin: Linearisation, g: Tensor, record: CostRecord,
                        x0: Tensor | None = None) -> Tensor:
-        check_fixed_point(f"Implicit(solver={self.solver!r})", lin, self.fixed_point_rtol, record)
+        name = f"Implicit(solver={self.solver!r})"
+        check_fixed_point(name, lin, self.fixed_point_rtol, record)
         solver = self.linear_solver(g.dtype)
-        MT = lin.J if self.solver == "cg_normal" else None
+        preconditioner = None
+        if self.uses_forward_inverse:
+            inverse = self._forward_inverse(lin, g)
+            if self.precondition == "forward":
+                preconditioner = inverse.solve_transpose
+            if self.initial_guess == "forward" and x0 is None:
+                x0 = inverse.solve_transpose(g)
+        if self.warm_start is not None and x0 is None:
+            x0 = self.warm_start.guess(g)
         with warnings.catch_warnings():          # reported once below, with the estimator's name
             warnings.simplefilter("ignore", ConvergenceWarning)
-            sol = solver.solve(lin.JT, g, x0=x0, MT=MT, throw=False)
+            if self.mixed_precision is not None:
+                low = lin.cast(self.mixed_precision)
+                P = None if preconditioner is None else \
+                    (lambda v: preconditioner(v.to(g.dtype)).to(self.mixed_precision))
+                sol, low_vjps = refine(solver, lin.JT, low.JT, g, tol=solver.tol, low=self.mixed_precision,
+                                       max_refinements=self.max_refinements, x0=x0, preconditioner=P,
+                                       MT_low=low.J if self.solver == "cg_normal" else None)
+                record.low_precision_vjps += low_vjps
+            else:
+                MT = lin.J if self.solver == "cg_normal" else None
+                sol = solver.solve(lin.JT, g, x0=x0, MT=MT, preconditioner=preconditioner, throw=False)
         record.solves.append(sol)
         if bool(torch.as_tensor(sol.diverged).any()):
-            raise DivergenceError(f"Implicit(solver={self.solver!r}): {sol.message}")
+            raise DivergenceError(f"{name}: {sol.message}")
+        if self.warm_start is not None:
+            self.warm_start.store(sol.u, sol.converged)
         if not bool(torch.as_tensor(sol.converged).all()):
-            msg = f"Implicit(solver={self.solver!r}): adjoint solve did not converge: {sol.message}"
+            msg = f"{name}: adjoint solve did not converge: {sol.message}"
             record.messages.append(msg)
             if self.throw:
                 raise ConvergenceError(msg)

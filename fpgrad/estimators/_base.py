@@ -25,6 +25,7 @@ class CostRecord:
     backward_steps: int = 0
     bytes_saved: int = 0
     seconds: float = 0.0
+    low_precision_vjps: int = 0                      # of the vjps, those in a lower dtype (mixed precision)
     forward: list = field(default_factory=list)      # FixedPoint results of the forward solves
     solves: list = field(default_factory=list)       # LinearSolution results of the adjoint solves
     messages: list = field(default_factory=list)
@@ -81,8 +82,9 @@ class Linearisation:
     """
 
     def __init__(self, step: Callable, params: Mapping[str, Tensor], x: Tensor | None, z_star: Tensor,
-                 record: CostRecord | None = None):
+                 record: CostRecord | None = None, forward: Any = None):
         self.step, self.params, self.x, self.z_star = step, params, x, z_star
+        self.forward = forward          # the FixedPoint of the forward solve that found z*, when known
         self.shape = z_star.shape
         self.record = record if record is not None else CostRecord()
         with torch.enable_grad():
@@ -106,6 +108,14 @@ class Linearisation:
             with torch.enable_grad():
                 _, self._jvp = torch.func.vjp(lambda w: self._vjp_z(w)[0], w0)
         return self._jvp(v.reshape(self.shape))[0].reshape(v.shape)
+
+    def cast(self, dtype: torch.dtype) -> Linearisation:
+        """The same step linearised at z* with params, x and z* cast to `dtype` (for low-precision products);
+        its products are counted in the same record."""
+        def to(t):
+            return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+        params = {k: to(v) for k, v in self.params.items()}
+        return Linearisation(self.step, params, to(self.x), to(self.z_star), self.record, self.forward)
 
     def pullback(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         """(df/dparams)^T u and (df/dx)^T u at z*:  one VJP."""
@@ -137,6 +147,9 @@ class Estimator:
 
     def adjoint_vector(self, lin: Linearisation, g: Tensor, record: CostRecord) -> Tensor:  # adjoint kind
         raise NotImplementedError
+
+    def check_forward(self, forward) -> None:
+        """Raise if this estimator cannot work with the forward solver `forward` (default: any works)."""
 
     def describe(self) -> str:
         return repr(self)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._broyden import LowRankInverse
 from ._common import ForwardSolver
 
 
@@ -16,6 +17,9 @@ class Anderson(ForwardSolver):
 
     z_{t+1} = sum_i alpha_i f(z_i) over the last m iterates, alpha = argmin ||sum_i alpha_i g_i||
     subject to sum alpha = 1 (g_i = f(z_i) - z_i), solved with Tikhonov regularisation `regularization`.
+    FixedPoint.info["inverse"]: the multisecant inverse-Jacobian estimate of the last m iterates
+    (Fang & Saad 2009), H = -I + (S + Y)(Y^T Y)^+ Y^T with H Y = S for the differences S of z and Y of g:
+    a LowRankInverse of rank m - 1 (used by Implicit(precondition="forward")).
     """
 
     memory: int = 5
@@ -62,3 +66,20 @@ class Anderson(ForwardSolver):
         state["F"][:, slot] = torch.where(a, fz_new, state["F"][:, slot])
         state["count"] += 1
         return state
+
+    def _info(self, state) -> dict:
+        m = min(state["count"], self.memory)
+        X, F = state["X"][:, :m], state["F"][:, :m]
+        B, _, n = X.shape
+        if m < 2:
+            empty = X.new_zeros(B, n, 0)
+            return {"inverse": LowRankInverse(empty, empty.clone())}
+        last = (state["count"] - 1) % self.memory
+        others = [i for i in range(m) if i != last]
+        G = F - X
+        S = (X[:, others] - X[:, last : last + 1]).double()              # [B, m-1, n]
+        Y = (G[:, others] - G[:, last : last + 1]).double()
+        gram_inv = torch.linalg.pinv(Y @ Y.transpose(1, 2), hermitian=True, rtol=1e-10)
+        U = (S + Y).transpose(1, 2)                                      # [B, n, m-1]
+        V = (gram_inv @ Y).transpose(1, 2)                               # Y (Y^T Y)^+
+        return {"inverse": LowRankInverse(U.to(X.dtype), V.to(X.dtype))}

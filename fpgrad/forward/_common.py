@@ -217,7 +217,13 @@ class ForwardSolver:
         bad = (~converged).nonzero().squeeze(1)
         rate = contraction_estimate(residuals[:, bad]).max()
         rate = float(rate)
-        if not math.isfinite(rate) or rate >= 0.9999:
+        floor = float(relative[bad].max())
+        eps = torch.finfo(relative.dtype).eps
+        if floor <= 1e3 * eps and self.tol < floor:
+            dtype = str(relative.dtype).replace("torch.", "")
+            cause = (f"the residual stalled at {floor:.1e} relative, the round-off floor of {dtype}: tol {self.tol:g} "
+                     f"is below what {dtype} can reach; loosen tol (>= {10 * floor:.0e}) or use float64")
+        elif not math.isfinite(rate) or rate >= 0.9999:
             cause = (f"the residual is not decreasing (ratio {rate:.4f} per step over the last steps): the map "
                      "is likely not contractive here (spectral radius of J >= 1); check "
                      "fpgrad.spectral.spectral_radius, add damping, or try method='anderson' / 'broyden'")

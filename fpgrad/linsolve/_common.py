@@ -50,6 +50,7 @@ class LinearSolution:
         does not iterate, and from its last iteration on they are the true residual of the returned u.
     converged, diverged: [B] bool.  iterations: [B] long.
     matvecs / rmatvecs: applications of M / M^T (batched calls: VJPs / JVPs in fpgrad).
+    rejected_guess: samples whose initial guess x0 was worse than zero (they started from zero).
     """
 
     u: Tensor
@@ -61,6 +62,7 @@ class LinearSolution:
     rmatvecs: int
     solver: str
     message: str
+    rejected_guess: Tensor | None = None   # [B] bool: x0 had a larger residual than zero and was dropped
 
     @property
     def residual(self) -> Tensor:
@@ -117,12 +119,18 @@ class _Run:
         zero_b = bnorm == 0
         self.scale = torch.where(zero_b, torch.ones_like(bnorm), bnorm)
         self.threshold = torch.clamp(solver.tol * bnorm, min=solver.atol) / self.scale
+        self.rejected_guess = torch.zeros(B, dtype=torch.bool, device=b.device)
         if x0 is None:
             self.u = torch.zeros_like(b)
             self.r = b.clone()
         else:
+            # a guess is only a guess: a sample whose guess has a larger residual than zero starts from zero
             self.u = torch.where(zero_b.unsqueeze(1), torch.zeros_like(b), x0)
             self.r = b - self.A(self.u)
+            worse = ~(self.r.norm(dim=1) <= bnorm)
+            self.u = torch.where(worse.unsqueeze(1), torch.zeros_like(b), self.u)
+            self.r = torch.where(worse.unsqueeze(1), b, self.r)
+            self.rejected_guess = worse
         self.rel = self.r.norm(dim=1) / self.scale
         self.growth_limit = GROWTH_LIMIT * torch.maximum(self.rel, self.threshold)
         self.status = torch.full((B,), RUNNING, dtype=torch.long, device=b.device)
@@ -233,7 +241,7 @@ class _Run:
         message = self.solver._message(self, residuals)
         solution = LinearSolution(u=u, residuals=residuals, converged=converged, diverged=diverged,
                                   iterations=iterations, matvecs=self.matvecs, rmatvecs=self.rmatvecs,
-                                  solver=self.name, message=message)
+                                  solver=self.name, message=message, rejected_guess=self.rejected_guess)
         if not bool(converged.all()):
             if throw:
                 if bool((self.status == SINGULAR).any()):
@@ -268,7 +276,9 @@ class LinearSolver:
         """Solve (I - M) u = b per sample.
 
         M: [B, n] -> [B, n], sample i's M acting on row i only (M = J^T: a VJP). MT: M^T (a JVP).
-        x0: [B, n] initial guess (default zeros). preconditioner: P ~ (I - M)^{-1}, [B, n] -> [B, n].
+        x0: [B, n] initial guess (default zeros); a sample whose guess has a larger residual than zero starts
+        from zero instead (one matvec to check; flagged in `rejected_guess`).
+        preconditioner: P ~ (I - M)^{-1}, [B, n] -> [B, n].
         throw: raise ConvergenceError / DivergenceError if any sample fails; else warn (ConvergenceWarning)
         and return the flags. Rows of diverged samples are NaN in both cases.
         """
