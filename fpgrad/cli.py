@@ -155,21 +155,41 @@ def cmd_study(args) -> int:
         study = studies.get_study(args.name)
     except KeyError as e:
         raise UsageError(str(e.args[0])) from None
+    ray_options = {"--address": args.address, "--cpus-per-task": args.cpus_per_task,
+                   "--gpus-per-task": args.gpus_per_task, "--retries": args.retries}
     if args.executor == "ray":
+        if args.workers is not None:
+            raise UsageError("--workers is for the local executor; with --executor ray the cluster's CPUs and "
+                             "--cpus-per-task set how many configurations run at once")
+        if args.cpus_per_task is not None and not args.cpus_per_task > 0:
+            raise UsageError(f"--cpus-per-task must be positive, got {args.cpus_per_task}")
+        if args.gpus_per_task is not None and args.gpus_per_task < 0:
+            raise UsageError(f"--gpus-per-task must be >= 0, got {args.gpus_per_task}")
+        if args.retries is not None and args.retries < 0:
+            raise UsageError(f"--retries must be >= 0, got {args.retries}")
         try:
             from fpgrad.distributed import RayExecutor
+            executor = RayExecutor(address=args.address, num_cpus_per_task=_or(args.cpus_per_task, 1),
+                                   num_gpus_per_task=_or(args.gpus_per_task, 0), max_retries=_or(args.retries, 2))
         except ImportError as e:
-            raise UsageError(f"--executor ray needs the 'distributed' extra: pip install 'fpgrad[distributed]' "
-                             f"({e})") from None
-        executor = RayExecutor(address=args.address)
+            raise UsageError(f"--executor ray needs the 'distributed' extra: {e}") from None
     else:
-        executor = LocalExecutor(workers=args.workers)
+        given = [name for name, value in ray_options.items() if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --executor ray")
+        if args.workers is not None and args.workers < 1:
+            raise UsageError(f"--workers must be a positive integer, got {args.workers}")
+        executor = LocalExecutor(workers=_or(args.workers, 1))
     out = Path(args.out) if args.out else Path("reports") / study.name
     command = "fpgrad " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else None
     run_study(study, out, quick=args.quick, seed=args.seed, executor=executor, progress=not args.quiet,
               command=command)
     print(f"wrote {out}")
     return 0
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def cmd_bench(args) -> int:
@@ -213,9 +233,17 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default=None, help="output folder (default reports/NAME)")
     st.add_argument("--quick", action="store_true", help="the small setting used by tests and CI")
     st.add_argument("--seed", type=int, default=0)
-    st.add_argument("--workers", type=int, default=1, help="local worker processes")
-    st.add_argument("--executor", default="local", choices=["local", "ray"])
-    st.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
+    st.add_argument("--workers", type=int, default=None, help="local worker processes (default 1)")
+    st.add_argument("--executor", default="local", choices=["local", "ray"],
+                    help="local (default), or ray: one Ray task per configuration")
+    st.add_argument("--address", default=None,
+                    help="Ray cluster address, e.g. auto (default: RAY_ADDRESS, else a local Ray on this machine)")
+    st.add_argument("--cpus-per-task", type=float, default=None,
+                    help="CPUs (and torch threads) per configuration with --executor ray (default 1)")
+    st.add_argument("--gpus-per-task", type=float, default=None,
+                    help="GPUs per configuration with --executor ray (default 0)")
+    st.add_argument("--retries", type=int, default=None,
+                    help="with --executor ray: times a configuration whose worker process died is rerun (default 2)")
     st.add_argument("--quiet", action="store_true")
     st.set_defaults(func=cmd_study)
 

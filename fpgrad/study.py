@@ -2,8 +2,9 @@
 
 A study can be interrupted and resumed: rows live in `<out>/rows.jsonl` (one JSON line per finished
 configuration, flushed and fsynced), keyed by a hash of the configuration; rerunning skips finished
-keys. Executors: `LocalExecutor` (in-process, or a pool of processes) by default; others (Ray) plug in
-with the same `map` interface.
+keys. Executors: `LocalExecutor` (in-process, or a pool of processes) by default; `RayExecutor`
+(`fpgrad.distributed`, one Ray task per configuration) with the same `map` interface. Whatever the executor,
+the driver is the one writer of the store.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
+from .errors import FPGradError
+
 Config = dict[str, Any]
 Row = dict[str, Any]
 
@@ -38,6 +41,16 @@ class Study:
     finalize: Callable[[list[Row], Path, dict], None]
     module: str = ""
     defaults: dict = field(default_factory=dict)
+
+
+class StudyTaskError(FPGradError, RuntimeError):
+    """One configuration of a study failed on a worker (it raised, or its worker process died more often than
+    the executor retries). `config` is the configuration; the worker's error is the `__cause__`."""
+
+    def __init__(self, message: str, *, study: str, config: Config):
+        super().__init__(message)
+        self.study = study
+        self.config = config
 
 
 def config_key(config: Config) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -20,8 +21,22 @@ def run(config):
     if CALLS_FILE:
         with open(CALLS_FILE, "a") as f:
             f.write(json.dumps(config, sort_keys=True) + "\n")
+    _fault_hooks(config)
     time.sleep(float(os.environ.get("FPGRAD_TOY_SLEEP", "0")))
     return {"value": config["a"] * 10 + config["b"] + config["seed"]}
+
+
+def _fault_hooks(config):
+    """Faults for the executor tests, set through the environment (read at call time, so a Ray task's runtime_env
+    reaches them): FPGRAD_TOY_RAISE="a,b" raises ValueError in that configuration; FPGRAD_TOY_KILL_ONCE=<marker
+    file> SIGKILLs the process running a=1, b=1 the first time (the marker records that it happened)."""
+    fail = os.environ.get("FPGRAD_TOY_RAISE")
+    if fail and [int(v) for v in fail.split(",")] == [config["a"], config["b"]]:
+        raise ValueError(f"toy study asked to fail at a={config['a']}, b={config['b']}")
+    marker = os.environ.get("FPGRAD_TOY_KILL_ONCE")
+    if marker and (config["a"], config["b"]) == (1, 1) and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def finalize(rows, out_dir: Path, meta):
