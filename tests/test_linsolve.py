@@ -33,9 +33,9 @@ from fpgrad.linsolve import (
     get_solver,
 )
 
-ALL = ["neumann", "cg", "cg_normal", "gmres", "bicgstab", "dense"]
-NONSYMMETRIC = ["neumann", "cg_normal", "gmres", "bicgstab", "dense"]   # every solver but CG
-ITERATIVE = ["neumann", "cg", "cg_normal", "gmres", "bicgstab"]
+ALL = ["neumann", "cg", "cg_normal", "gmres", "bicgstab", "dense", "gcrodr"]
+NONSYMMETRIC = ["neumann", "cg_normal", "gmres", "bicgstab", "dense", "gcrodr"]   # every solver but CG
+ITERATIVE = ["neumann", "cg", "cg_normal", "gmres", "bicgstab", "gcrodr"]
 DTYPES = [torch.float64, torch.float32]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                 reason="needs a CUDA device"))]
@@ -144,7 +144,7 @@ def test_neumann_divergence_with_throw_false_is_flagged_and_never_a_plausible_nu
     torch.testing.assert_close(sol.u[1], p.u[1], rtol=1e-8, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["cg_normal", "gmres", "bicgstab", "dense"])
+@pytest.mark.parametrize("name", ["cg_normal", "gmres", "bicgstab", "dense", "gcrodr"])
 def test_krylov_solvers_solve_what_neumann_cannot(name):
     p = make_problem(12, [1.3, 1.6], seed=3)
     assert_solved(p, solve(name, p), SOLVE_TOL[torch.float64])
@@ -238,7 +238,7 @@ def test_exact_preconditioner_converges_in_one_or_two_iterations(name):
     assert int(sol.iterations.max()) <= 2
 
 
-@pytest.mark.parametrize("name", ["neumann", "cg_normal", "gmres", "bicgstab"])
+@pytest.mark.parametrize("name", ["neumann", "cg_normal", "gmres", "bicgstab", "gcrodr"])
 def test_reported_residual_is_the_true_unpreconditioned_one(name):
     p = make_problem(20, [0.95, 0.9], seed=10)
     rough = torch.eye(20, dtype=p.A.dtype) - 0.9 * p.Mmat          # P = (I - 0.9 M)^{-1} ~ A^{-1}, not exact
@@ -249,7 +249,7 @@ def test_reported_residual_is_the_true_unpreconditioned_one(name):
 
 
 # --- bookkeeping -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["neumann", "cg", "cg_normal", "gmres", "bicgstab"])
+@pytest.mark.parametrize("name", ["neumann", "cg", "cg_normal", "gmres", "bicgstab", "gcrodr"])
 def test_matvec_counts_equal_the_calls_of_M_and_MT(name):
     p = problem_for(name, 15, [0.8, 0.6, 0.3], seed=11)
     M, MT = Counter(p.M), Counter(p.MT)
@@ -291,7 +291,7 @@ def test_residual_trace_has_a_row_per_iteration_starting_from_the_initial_guess(
     assert "converged" in sol.message
 
 
-@pytest.mark.parametrize("name", ["gmres", "bicgstab", "neumann", "cg_normal"])
+@pytest.mark.parametrize("name", ["gmres", "bicgstab", "neumann", "cg_normal", "gcrodr"])
 def test_a_good_initial_guess_is_used_and_a_bad_one_is_dropped(name):
     p = problem_for(name, 40, [0.9, 0.2, 0.5], seed=3)
     cold = solve(name, p)

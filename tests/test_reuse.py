@@ -280,3 +280,20 @@ def test_implicit_reuse_options_are_validated():
         Implicit(warm_start={})
     with pytest.raises(TypeError, match="dtype"):
         Implicit(mixed_precision="float32")
+
+
+# --- recycling -------------------------------------------------------------------------------------------------
+
+def test_recycling_through_implicit_matches_dense_and_carries_its_space():
+    from fpgrad.linsolve import RecycleSpace
+    space = RecycleSpace(k=4)
+    est = Implicit(tol=1e-10, recycle=space, options={"restart": 12})
+    assert est.solver == "gcrodr"
+    m, x = tanh_case(n=40, lipschitz=0.97)
+    for seed in range(3):
+        xs = x + 0.01 * seed
+        g = grads(m, xs, est, "anderson")
+        assert rel(g, dense_grads(m, xs, "anderson")) < 1e-8
+    assert space.solves == 3 and space.columns > 0
+    with pytest.raises(ValueError, match="gcrodr"):
+        Implicit(solver="bicgstab", recycle=space)

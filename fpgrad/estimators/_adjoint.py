@@ -202,6 +202,7 @@ class Implicit(Estimator):
             kw["max_iter"] = self.max_iter
         if self.recycle is not None:
             kw["space"] = self.recycle
+            kw.setdefault("k", self.recycle.k)
         return get_solver(self.solver, **kw)
 
     def _forward_inverse(self, lin: Linearisation, g: Tensor):

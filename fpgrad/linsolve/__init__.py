@@ -13,9 +13,11 @@ from ._bicgstab import BiCGSTAB
 from ._cg import CG
 from ._common import LinearSolution, LinearSolver, SingularSystemError
 from ._dense import Dense
+from ._gcrodr import GCRODR
 from ._gmres import GMRES
 from ._neumann import Neumann
 from ._normal_cg import NormalCG
+from ._recycle import RecycleSpace
 
 SOLVERS: dict[str, type[LinearSolver]] = {
     "neumann": Neumann,
@@ -24,11 +26,13 @@ SOLVERS: dict[str, type[LinearSolver]] = {
     "gmres": GMRES,
     "bicgstab": BiCGSTAB,
     "dense": Dense,
+    "gcrodr": GCRODR,
 }
 
 
 def get_solver(name: str, **options: Any) -> LinearSolver:
-    """A solver from its name ("neumann" | "cg" | "cg_normal" | "gmres" | "bicgstab" | "dense") and options."""
+    """A solver from its name ("neumann" | "cg" | "cg_normal" | "gmres" | "bicgstab" | "dense" |
+    "gcrodr") and options, e.g. get_solver("gcrodr", space=RecycleSpace(k=10), tol=1e-8)."""
     if not isinstance(name, str) or name not in SOLVERS:
         raise ValueError(f"unknown linear solver {name!r}; choose one of {', '.join(SOLVERS)}")
     cls = SOLVERS[name]
@@ -43,11 +47,13 @@ __all__ = [
     "BiCGSTAB",
     "CG",
     "Dense",
+    "GCRODR",
     "GMRES",
     "LinearSolution",
     "LinearSolver",
     "Neumann",
     "NormalCG",
+    "RecycleSpace",
     "SOLVERS",
     "SingularSystemError",
     "get_solver",
