@@ -7,19 +7,53 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_finite, check_inputs
 from .autograd import fixed_point
-from .estimators import CostRecord, Estimator, get_estimator
+from .errors import ShapeError
+from .estimators import CostRecord, Estimator, OneStep, Truncated, Unrolled, get_estimator
 from .forward import ForwardSolver, Iterate, get_forward
 from .maps import Map, init_slot_attention_params, sample_slots, slot_attention, slot_attention_step
 
 
 def _taped_steps_after_solve(est: Estimator) -> int:
-    from .estimators import OneStep, Truncated
     if isinstance(est, OneStep):
         return 1
     if isinstance(est, Truncated) and est.T is None:
         return est.k
     return 0
+
+
+def _reaches_initial_slots(est: Estimator) -> bool:
+    """Whether backward reaches the initial slots: all estimators but those that detach them, one-step without
+    straight-through and truncated after a solve (the adjoint ones give them an exact zero)."""
+    if isinstance(est, OneStep):
+        return est.straight_through
+    if isinstance(est, Truncated):
+        return est.T is not None and est.T == est.k
+    return True
+
+
+def _runs_solver_loop(est: Estimator) -> bool:
+    """Whether fixed_point runs a solver loop with data-dependent stopping (every estimator but unrolled)."""
+    return not (isinstance(est, Unrolled) or (isinstance(est, Truncated) and est.T == est.k))
+
+
+# torch.compiler.disable(fixed_point), made lazily (torch._dynamo takes ~2 s to import) and once, here: dynamo
+# sees one skipped call, one graph break, and runs fixed_point and all it calls eagerly
+_fixed_point_eagerly = torch._disable_dynamo(fixed_point)
+
+
+def _inside_torch_func_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, ...) is active (eager code only)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _check_finite_all(named: dict[str, Tensor], where: str) -> None:
+    """Raise NonFiniteError naming the first tensor with NaN or Inf; one host sync (one graph break) for all."""
+    flags = torch.stack([torch.isfinite(t).all() for t in named.values()])
+    if not bool(flags.all()):
+        bad = next(k for k, ok in zip(named, flags.tolist()) if not ok)
+        check_finite(named[bad], f"{where}: {bad}")
 
 
 class ImplicitSlotAttention(nn.Module):
@@ -35,12 +69,29 @@ class ImplicitSlotAttention(nn.Module):
     backward choice); with a tol the forward stops per sample at tol (iters is then the cap) using
     `forward` ("iterate" | "anderson" | "broyden").
     forward(inputs, return_info=True) also returns a CostRecord with the forward residuals and costs.
+
+    DistributedDataParallel: every sample is solved on its own, so sharding the batch over ranks gives the
+    single-process gradient of the mean loss. Parameters that backward leaves without a .grad are listed by
+    `parameters_without_grad(...)` (the slot initialisation under one_step / truncated-K, or whenever
+    `slots=` is passed); when it is not empty, wrap with `DDP(..., find_unused_parameters=True)`.
+    `noise=` shards one draw of the initial slots' noise over ranks.
+
+    torch.compile: `torch.compile(module)` works (fullgraph=False); compile_step=True also compiles the step
+    on its own, so that every application of it inside the solver loops runs compiled code. Graph breaks
+    (TORCH_LOGS=graph_breaks): one at the finiteness check of the inputs and parameters (a host sync); for
+    every backward but unrolled, one at the `fixed_point` call, whose solver loop stops on data (per-sample
+    residuals) and runs eagerly, outside the graph (with compile_step its steps run compiled); one more when
+    the initial slots are drawn from a `generator` (pass `noise=` or `slots=` to avoid it). Unrolled is
+    traced whole (T steps, forward and backward). The adjoint estimators' products J^T v stay eager: they run
+    under torch.func.vjp, and a compiled function called inside a torch.func transform falls back to eager
+    and is never compiled again, so the compiled step is only called outside the transforms.
     """
 
     def __init__(self, dim: int, num_slots: int, iters: int = 3, backward: Union[str, Estimator] = "one_step",
                  *, eval_iters: int | None = None, input_dim: int | None = None,
                  hidden_dim: int | None = None, eps: float = 1e-8, tol: float | None = None,
-                 forward: Union[str, ForwardSolver] = "iterate", seed: int | None = None):
+                 forward: Union[str, ForwardSolver] = "iterate", seed: int | None = None,
+                 compile_step: bool = False):
         super().__init__()
         self.dim, self.num_slots, self.eps = dim, num_slots, eps
         self.iters = iters
@@ -51,6 +102,7 @@ class ImplicitSlotAttention(nn.Module):
         self.forward_method = forward
         self.backward_spec = backward
         get_estimator(backward, iters=iters)            # validate the name now, not at the first call
+        self.compile_step = compile_step
         self.slots_mu = nn.Parameter(torch.empty(1, 1, dim))
         self.slots_log_sigma = nn.Parameter(torch.empty(1, 1, dim))
         self.norm_input = nn.LayerNorm(self.input_dim)
@@ -72,7 +124,7 @@ class ImplicitSlotAttention(nn.Module):
         backward = self.backward_spec if isinstance(self.backward_spec, str) else repr(self.backward_spec)
         return {"dim": self.dim, "num_slots": self.num_slots, "iters": self.iters, "eval_iters": self.eval_iters,
                 "input_dim": self.input_dim, "hidden_dim": self.hidden_dim, "eps": self.eps, "tol": self.tol,
-                "backward": backward,
+                "backward": backward, "compile_step": self.compile_step,
                 "forward": self.forward_method if isinstance(self.forward_method, str) else "iterate"}
 
     def save_checkpoint(self, path) -> None:
@@ -111,7 +163,25 @@ class ImplicitSlotAttention(nn.Module):
         return slot_attention(self.dim, self.num_slots, input_dim=self.input_dim, hidden_dim=self.hidden_dim,
                               eps=self.eps, params=params)
 
+    @property
+    def compile_step(self) -> bool:
+        """Whether the step runs as a torch.compile'd function (settable: e.g. on a module inside a model)."""
+        return self._compiled_step is not None
+
+    @compile_step.setter
+    def compile_step(self, value: bool) -> None:
+        eps = self.eps
+
+        def step(params, z, x):
+            return slot_attention_step(params, z, x, eps=eps)
+        self._compiled_step = torch.compile(step) if value else None
+
     def _step(self, params, z, x):
+        # the compiled step only outside torch.func transforms (the adjoint's VJPs): called inside one,
+        # torch.compile falls back to eager and marks the function as never to be compiled again
+        if self._compiled_step is not None and not torch.compiler.is_compiling() \
+                and not _inside_torch_func_transform():
+            return self._compiled_step(params, z, x)
         return slot_attention_step(params, z, x, eps=self.eps)
 
     def _solver(self, iters: int) -> ForwardSolver:
@@ -122,15 +192,46 @@ class ImplicitSlotAttention(nn.Module):
     def estimator(self) -> Estimator:
         return get_estimator(self.backward_spec, iters=self.iters if self.training else self.eval_iters)
 
-    def forward(self, inputs: Tensor, slots: Tensor | None = None, *, generator: torch.Generator | None = None,
-                return_info: bool = False):
-        """inputs: [B, N, input_dim]; slots: optional initial slots [B, K, dim] (else sampled)."""
+    def parameters_without_grad(self, slots_given: bool = False) -> list[str]:
+        """Names of the parameters a training backward leaves with .grad None: under the estimators that
+        differentiate by the tape, the slot initialisation (slots_mu, slots_log_sigma) when they detach the
+        initial slots (one_step, truncated-K after a solve) or when the slots are passed in (`slots=`). The
+        adjoint estimators (implicit, neumann-K, phantom-K) give every parameter a gradient (the
+        initialisation an exact zero). Not empty: DDP needs find_unused_parameters=True."""
+        est = get_estimator(self.backward_spec, iters=self.iters)
+        if est.adjoint:
+            return []
+        if slots_given or not _reaches_initial_slots(est):
+            return ["slots_mu", "slots_log_sigma"]
+        return []
+
+    def forward(self, inputs: Tensor, slots: Tensor | None = None, *, noise: Tensor | None = None,
+                generator: torch.Generator | None = None, return_info: bool = False):
+        """inputs: [B, N, input_dim] -> slots [B, num_slots, dim].
+
+        Initial slots: `slots` [B, K, dim] as given, else mu + exp(log_sigma) * noise with `noise` [B, K, dim]
+        (e.g. a rank's shard of one draw, under DDP), else K = num_slots of them with noise from `generator`.
+        """
+        where = "ImplicitSlotAttention"
         if inputs.dim() != 3 or inputs.shape[-1] != self.input_dim:
-            from .errors import ShapeError
-            raise ShapeError(f"ImplicitSlotAttention: inputs must be [B, N, {self.input_dim}], "
-                             f"got {tuple(inputs.shape)}")
+            raise ShapeError(f"{where}: inputs must be [B, N, {self.input_dim}], got {tuple(inputs.shape)}")
         params = self.functional_params()
-        z0 = sample_slots(params, inputs.shape[0], self.num_slots, generator) if slots is None else slots
+        if slots is not None and noise is not None:
+            raise ValueError(f"{where}: give the initial slots (slots=) or their noise (noise=), not both")
+        if slots is not None or noise is not None:
+            name, given = ("slots", slots) if slots is not None else ("noise", noise)
+            if given.dim() != 3 or given.shape[0] != inputs.shape[0] or given.shape[-1] != self.dim:
+                raise ShapeError(f"{where}: {name} must be [B, K, dim] = [{inputs.shape[0]}, K, {self.dim}] for "
+                                 f"inputs of batch {inputs.shape[0]}, got {tuple(given.shape)}")
+        if slots is not None:
+            z0 = slots
+        elif noise is not None:
+            z0 = params["slots_mu"] + params["slots_log_sigma"].exp() * noise
+        else:
+            z0 = sample_slots(params, inputs.shape[0], self.num_slots, generator)
+        check_inputs(params, z0, inputs, where=where, check_values=False)
+        if not _inside_torch_func_transform():        # (a vmapped tensor has no single truth value)
+            _check_finite_all({"inputs": inputs, "initial slots": z0, **params}, where)
         iters = self.iters if self.training else self.eval_iters
         est = self.estimator()
         record = CostRecord()
@@ -139,6 +240,11 @@ class ImplicitSlotAttention(nn.Module):
         solve_iters = iters
         if self.tol is None:
             solve_iters = max(iters - _taped_steps_after_solve(est), 0)
-        z = fixed_point(self._step, params, inputs, z0, forward=self._solver(solve_iters), backward=est,
-                        record=record, batched=True)
+        args = (self._step, params, inputs, z0)
+        kwargs = dict(forward=self._solver(solve_iters), backward=est, record=record, batched=True, check=False)
+        if torch.compiler.is_compiling() and _runs_solver_loop(est):
+            # the solver loop stops on data: it runs eagerly, outside the graph (see the class docstring)
+            z = _fixed_point_eagerly(*args, **kwargs)
+        else:
+            z = fixed_point(*args, **kwargs)
         return (z, record) if return_info else z
