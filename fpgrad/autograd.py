@@ -193,6 +193,11 @@ def fixed_point(step: Callable, params: Mapping[str, Tensor], x: Tensor, z0: Ten
     if not isinstance(x, Tensor):
         raise TypeError(f"fixed_point: x must be a Tensor, got {type(x).__name__}")
     estimator = Implicit() if backward is None else get_estimator(backward)
+    if torch.compiler.is_compiling() and runs_solver_loop(estimator):
+        # under torch.compile: the solver loop stops on data (per-sample residuals), so it runs eagerly,
+        # outside the graph: one graph break here instead of one per iteration
+        return _fixed_point_eagerly(step, params, x, z0, forward=forward, backward=estimator, record=record,
+                                    batched=batched, check=check)
     if isinstance(estimator, FiniteDifference):
         raise ValueError("fixed_point: FiniteDifference is a reference for fpgrad.gradient, not a backward pass; "
                          "use Implicit(solver='dense') for an exact backward")
@@ -213,3 +218,13 @@ def fixed_point(step: Callable, params: Mapping[str, Tensor], x: Tensor, z0: Ten
         return _FixedPointFunction.apply(step, solver, estimator, keys, record, x, z0,
                                          *[params[k] for k in keys])
     return estimator.differentiate(step, params, x, z0, solver, record)
+
+
+def runs_solver_loop(estimator: Estimator) -> bool:
+    """Whether fixed_point runs a solver loop with data-dependent stopping (every estimator but unrolled)."""
+    from .estimators import Truncated, Unrolled
+    return not (isinstance(estimator, Unrolled) or (isinstance(estimator, Truncated) and estimator.T == estimator.k))
+
+
+# fixed_point with torch.compile's tracing disabled (dynamo sees one skipped call and runs it eagerly)
+_fixed_point_eagerly = torch._disable_dynamo(fixed_point)

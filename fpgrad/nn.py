@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ._checks import check_finite, check_inputs
 from .autograd import fixed_point
 from .errors import ShapeError
-from .estimators import CostRecord, Estimator, OneStep, Truncated, Unrolled, get_estimator
+from .estimators import CostRecord, Estimator, OneStep, Truncated, get_estimator
 from .forward import ForwardSolver, Iterate, get_forward
 from .maps import Map, init_slot_attention_params, sample_slots, slot_attention, slot_attention_step
 
@@ -31,16 +31,6 @@ def _reaches_initial_slots(est: Estimator) -> bool:
     if isinstance(est, Truncated):
         return est.T is not None and est.T == est.k
     return True
-
-
-def _runs_solver_loop(est: Estimator) -> bool:
-    """Whether fixed_point runs a solver loop with data-dependent stopping (every estimator but unrolled)."""
-    return not (isinstance(est, Unrolled) or (isinstance(est, Truncated) and est.T == est.k))
-
-
-# torch.compiler.disable(fixed_point), made lazily (torch._dynamo takes ~2 s to import) and once, here: dynamo
-# sees one skipped call, one graph break, and runs fixed_point and all it calls eagerly
-_fixed_point_eagerly = torch._disable_dynamo(fixed_point)
 
 
 def _inside_torch_func_transform() -> bool:
@@ -240,11 +230,7 @@ class ImplicitSlotAttention(nn.Module):
         solve_iters = iters
         if self.tol is None:
             solve_iters = max(iters - _taped_steps_after_solve(est), 0)
-        args = (self._step, params, inputs, z0)
-        kwargs = dict(forward=self._solver(solve_iters), backward=est, record=record, batched=True, check=False)
-        if torch.compiler.is_compiling() and _runs_solver_loop(est):
-            # the solver loop stops on data: it runs eagerly, outside the graph (see the class docstring)
-            z = _fixed_point_eagerly(*args, **kwargs)
-        else:
-            z = fixed_point(*args, **kwargs)
+        # under torch.compile the solver loop runs eagerly, outside the graph (see the class docstring)
+        z = fixed_point(self._step, params, inputs, z0, forward=self._solver(solve_iters), backward=est,
+                        record=record, batched=True, check=False)
         return (z, record) if return_info else z

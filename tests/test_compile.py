@@ -142,3 +142,20 @@ def test_sampling_from_a_generator_adds_one_graph_break():
     compiled = torch.compile(layer, backend="eager")(x, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(compiled, eager)
     assert _graph_breaks() == {"host sync", "generator"}
+
+
+@pytest.mark.parametrize("backward", ["one_step", "implicit"])
+def test_bare_fixed_point_under_compile_breaks_once_and_matches_eager(backward):
+    m = fpgrad.maps.tanh_rnn(n=12, spectral_radius=0.5, seed=0)
+    x = torch.randn(3, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    params = {k: v.clone().requires_grad_() for k, v in m.params.items()}
+
+    def loss(params, x):
+        z = fpgrad.fixed_point(m.step, params, x, torch.zeros_like(x), backward=backward)
+        return (z ** 2).sum()
+
+    eager = torch.autograd.grad(loss(params, x), list(params.values()))
+    compiled = torch.autograd.grad(torch.compile(loss, backend="eager")(params, x), list(params.values()))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert _graph_breaks() == {"eager solver"}
