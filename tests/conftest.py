@@ -13,3 +13,7 @@ settings.load_profile("fpgrad")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+# ... and the same for the subprocesses tests start (the CLI, studies, torchrun): OpenMP threads spinning on
+# busy cores made a 5 s report take over 2 minutes
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
