@@ -297,3 +297,23 @@ def test_recycling_through_implicit_matches_dense_and_carries_its_space():
     assert space.solves == 3 and space.columns > 0
     with pytest.raises(ValueError, match="gcrodr"):
         Implicit(solver="bicgstab", recycle=space)
+
+
+def test_mixed_precision_max_iter_bounds_all_refinements_together():
+    m, x = tanh_case(n=80, lipschitz=0.99, batch=1)
+    record = CostRecord()
+    with pytest.warns(fpgrad.errors.ConvergenceWarning, match="budget"):
+        grads(m, x, Implicit(tol=1e-13, max_iter=12, mixed_precision=torch.float32), "anderson", record)
+    sol = record.solves[-1]
+    assert int(sol.iterations.max()) <= 12
+    # inner Arnoldi steps + one true-residual check per inner cycle; the budget is not multiplied by refinements
+    assert record.low_precision_vjps <= 12 + 2 * 10
+
+
+def test_a_truncated_broyden_estimate_is_noted_in_the_record():
+    m, x = tanh_case(n=60, lipschitz=0.97, batch=1)
+    record = CostRecord()
+    grads(m, x, Implicit(tol=1e-10, precondition="forward"), fpgrad.forward.Broyden(tol=1e-12, max_iter=300, memory=5),
+          record)
+    assert record.forward[-1].info["dropped_updates"] > 0
+    assert any("dropped" in msg for msg in record.messages)

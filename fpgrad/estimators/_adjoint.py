@@ -127,8 +127,10 @@ class Implicit(Estimator):
     Reuse (each still drives the residual to tol and reports it; a guess worse than zero is dropped):
     precondition="forward": right-precondition the Krylov solve with the forward solver's inverse estimate
         (SHINE, Ramzi et al. 2022): (I - J^T)^{-1} ~ I - V U^T from Broyden's or Anderson's secant updates
-        (forward="broyden" / "anderson"; checked when fixed_point is called).
-    initial_guess="forward": start from that estimate applied to g (SHINE's answer, used as a guess).
+        (forward="broyden" / "anderson"; checked when fixed_point is called). Measured (benchmarks/reuse.py):
+        it pays as J's spectrum nears 1 and only if Broyden keeps every update (memory >= its steps).
+    initial_guess="forward": start from that estimate applied to g (SHINE's answer, used as a guess; it meets
+        the secant equations in the forward direction only, and was worse than zero in the benchmarks).
     warm_start: a WarmStart the caller owns: the previous adjoint of the same sample (bound ids) or batch.
     recycle: a RecycleSpace the caller owns: GCRO-DR recycling of the slow eigenvectors across solves
         (solver "gcrodr"; the default "gmres" is switched to it).
@@ -228,6 +230,12 @@ class Implicit(Estimator):
             inverse = self._forward_inverse(lin, g)
             if self.precondition == "forward":
                 preconditioner = inverse.solve_transpose
+                dropped = lin.forward.info.get("dropped_updates", 0)
+                if dropped:
+                    record.messages.append(
+                        f"{name}: the forward Broyden dropped {dropped} of its oldest updates (memory "
+                        f"{inverse.U.shape[-1]}), so its inverse estimate is a weaker preconditioner: "
+                        "Broyden(memory >= max_iter) keeps them all (benchmarks/reuse.py)")
             if self.initial_guess == "forward" and x0 is None:
                 x0 = inverse.solve_transpose(g)
         if self.warm_start is not None and x0 is None:

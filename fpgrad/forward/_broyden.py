@@ -46,7 +46,7 @@ class Broyden(ForwardSolver):
     def _init(self, z: Tensor, fz: Tensor):
         B, n = z.shape
         U = torch.zeros(B, n, self.memory, dtype=z.dtype, device=z.device)
-        return {"U": U, "V": torch.zeros_like(U), "count": 0}
+        return {"U": U, "V": torch.zeros_like(U), "count": 0, "dropped": 0}
 
     @staticmethod
     def _H(state, v: Tensor) -> Tensor:            # H v, over the filled columns only
@@ -77,6 +77,7 @@ class Broyden(ForwardSolver):
         if state["count"] < self.memory:
             slot = state["count"]
         else:                                                     # drop the oldest term
+            state["dropped"] += 1
             state["U"] = torch.roll(state["U"], -1, dims=2)
             state["V"] = torch.roll(state["V"], -1, dims=2)
             slot = self.memory - 1
@@ -93,4 +94,5 @@ class Broyden(ForwardSolver):
 
     def _info(self, state) -> dict:
         r = state["count"]
-        return {"inverse": LowRankInverse(state["U"][:, :, :r], state["V"][:, :, :r])}
+        return {"inverse": LowRankInverse(state["U"][:, :, :r], state["V"][:, :, :r]),
+                "dropped_updates": state["dropped"]}
