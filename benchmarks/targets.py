@@ -12,7 +12,8 @@ from typing import Any
 
 from benchmarks import _common as C
 
-ORDER = ("adjoint_solve", "solver_overhead", "forward_solve", "memory", "spectral_radius", "silent_failures", "vmap")
+ORDER = ("adjoint_solve", "solver_overhead", "forward_solve", "memory", "spectral_radius", "silent_failures", "vmap",
+         "reuse")
 
 
 def _description(name: str) -> str:
@@ -240,6 +241,9 @@ def render(out_dir: Path) -> str:
             lines += _forward_tables(data)
         elif name == "silent_failures":
             lines += _silent_table(data)
+        elif name == "reuse":
+            from benchmarks.reuse import markdown
+            lines += markdown(data)
         else:
             lines += _generic_tables(name, data)
     return "\n".join(lines).rstrip() + "\n"

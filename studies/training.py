@@ -47,6 +47,17 @@ TEST_SEED = 2 ** 31 - 1      # the test scenes are the same for every configurat
 EXAMPLES = 4                 # test scenes kept (as uint8) in the seed-0 rows for the example figure
 
 
+REUSE_NOTE = [
+    "The implicit runs above solve every adjoint system from scratch. `benchmarks/reuse.py` replays this study's "
+    "setting (the same autoencoder and scenes, trained with the exact adjoint at z_T, float64) and, at every step, "
+    "solves the same adjoint system with cold GMRES, TorchDEQ's Broyden and each reuse option of "
+    "`fpgrad.estimators.Implicit` (SHINE preconditioner and guess, warm start by scene id, GCRO-DR recycling, mixed "
+    "precision), each to a tolerance that guarantees 1e-6 relative error, checked against a dense solve at every "
+    "step; it also measures a contractive run at the fixed point z*. Its numbers, figure "
+    "(`reports/benchmarks/reuse_vjps.png`) and reading are in `reports/benchmarks/README.md` (section `reuse`), "
+    "regenerated from `reports/benchmarks/reuse.json`, so that they are stated once.",
+]
+
 # ---- the grid ---------------------------------------------------------------------------------------
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -853,6 +864,7 @@ def readme(rows, table, summary, saved, meta, more, T, markdown_table) -> str:
     for paragraph in reading(table, summary, more, T, rows):
         lines += [paragraph, ""]
     lines += ["## Caveats", "", *caveats(rows), ""]
+    lines += ["## Reuse in the exact adjoint solve", "", *REUSE_NOTE, ""]
     lines += ["## What a GPU run would change", "", *GPU_NOTES, ""]
     return "\n".join(lines)
 
