@@ -187,9 +187,16 @@ def _adjoint_bound(t: dict, found: dict) -> str:
             return "the forward solve dominates the end-to-end time"
         text = (f"the forward solve dominates: forward_solve to {fwd['results']['tol']:g}: fastest fpgrad "
                 f"{fp['solver']} {fp['steps']} steps {C.fmt(fp['seconds_median'])} s vs TorchDEQ broyden "
-                f"{deq['steps']} steps {C.fmt(deq['seconds_median'])} s. fpgrad's Broyden applies all `memory` "
-                "stored columns every step, filled or not, and drops updates beyond `memory`; TorchDEQ's keeps "
-                "every update and applies only the filled ones")
+                f"{deq['steps']} steps {C.fmt(deq['seconds_median'])} s"
+                + ("" if deq.get("converged", True) else
+                   " (TorchDEQ's stops on its own residual measure before the common tolerance: forward_solve flags "
+                   "it unconverged)"))
+        e2e = entry.get("end_to_end") or {}
+        errors = {r["library"]: r["gradient_error"] for r in e2e.get("rows", [])
+                  if r["method"].startswith("fpgrad: fixed_point(broyden") or r["library"] != "fpgrad"}
+        if errors.get("fpgrad") is not None and errors.get("torchdeq") is not None and "torchdeq" in t["target"]:
+            text += (f"; gradient error fpgrad {C.fmt(errors['fpgrad'])} vs torchdeq {C.fmt(errors['torchdeq'])} "
+                     "(both asked for the same tolerances)")
         if "torchopt" in t["target"]:
             text += ("; TorchOpt's Neumann series was given maxiter from the known rho(J) (its default, 10, gives "
                      "a wrong gradient: silent_failures)")

@@ -260,7 +260,10 @@ def test_a_posteriori_error_bound_holds_for_every_reuse_strategy():
     gvec = torch.randn(2, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = torch.linalg.solve(I - J.transpose(1, 2), gvec.unsqueeze(2)).squeeze(2)
     sigma = torch.linalg.svdvals(I - J)[:, -1]
-    for options in [*SHINE, dict(mixed_precision=torch.float32), dict(warm_start=WarmStart())]:
+    from fpgrad.linsolve import RecycleSpace
+    space = RecycleSpace(k=4)
+    for options in [*SHINE, dict(mixed_precision=torch.float32), dict(warm_start=WarmStart()),
+                    dict(recycle=space, options={"restart": 10}), dict(recycle=space, options={"restart": 10})]:
         est = Implicit(tol=1e-4, **options)
         record = CostRecord()
         u = est.adjoint_vector(lin, gvec, record)
