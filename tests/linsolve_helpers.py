@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fpgrad.linsolve import LinearSolution
+
 # tolerance asked of the solvers, and how close the answer must be to the float64 reference
 SOLVE_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 CHECK_TOL = {torch.float64: 1e-7, torch.float32: 2e-2}
@@ -106,3 +108,16 @@ def make_problem(n: int, radii, seed: int = 0, symmetric: bool = False, dtype=to
     eye = torch.eye(n, dtype=torch.float64)
     u = torch.linalg.solve(eye - Mmat, b.unsqueeze(-1)).squeeze(-1)
     return Problem(Mmat.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device), u.to(device))
+
+
+def assert_solved(p: Problem, sol: LinearSolution, tol: float) -> None:
+    """Converged to tol (reported and recomputed in float64), and the error is within cond(A) x residual."""
+    assert bool(sol.converged.all()) and not bool(sol.diverged.any()), sol.message
+    assert sol.u.dtype == p.b.dtype and sol.residuals.dtype == p.b.dtype
+    true = p.residual(sol.u)
+    slack = 2.0 if p.b.dtype == torch.float64 else 5.0
+    assert bool((sol.residual <= tol).all()), sol.residual
+    assert bool((true <= slack * tol).all()), true
+    cond = torch.linalg.cond(p.A.double())
+    rounding = 10 * torch.finfo(p.b.dtype).eps          # casting A and storing u in the solver's dtype
+    assert bool((p.error(sol.u) <= cond * (1.01 * true + rounding)).all())

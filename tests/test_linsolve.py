@@ -10,7 +10,7 @@ import scipy.sparse.linalg as spla
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from linsolve_helpers import SOLVE_TOL, Counter, Problem, make_problem
+from linsolve_helpers import SOLVE_TOL, Counter, Problem, assert_solved, make_problem
 
 from fpgrad.errors import (
     ConvergenceError,
@@ -64,19 +64,6 @@ def solve(name: str, p: Problem, **options) -> LinearSolution:
 
 def problem_for(name: str, n: int, radii, seed: int = 0, dtype=torch.float64, device="cpu") -> Problem:
     return make_problem(n, radii, seed=seed, symmetric=name == "cg", dtype=dtype, device=device)
-
-
-def assert_solved(p: Problem, sol: LinearSolution, tol: float) -> None:
-    """Converged to tol (reported and recomputed in float64), and the error is within cond(A) x residual."""
-    assert bool(sol.converged.all()) and not bool(sol.diverged.any()), sol.message
-    assert sol.u.dtype == p.b.dtype and sol.residuals.dtype == p.b.dtype
-    true = p.residual(sol.u)
-    slack = 2.0 if p.b.dtype == torch.float64 else 5.0
-    assert bool((sol.residual <= tol).all()), sol.residual
-    assert bool((true <= slack * tol).all()), true
-    cond = torch.linalg.cond(p.A.double())
-    rounding = 10 * torch.finfo(p.b.dtype).eps          # casting A and storing u in the solver's dtype
-    assert bool((p.error(sol.u) <= cond * (1.01 * true + rounding)).all())
 
 
 # --- every solver solves what it should ------------------------------------------------------------------------------

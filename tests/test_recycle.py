@@ -8,8 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from linsolve_helpers import SOLVE_TOL, Counter, Problem, _orthogonal, make_problem
-from test_linsolve import assert_solved
+from linsolve_helpers import SOLVE_TOL, Counter, Problem, _orthogonal, assert_solved, make_problem
 
 from fpgrad.errors import ConvergenceError, ConvergenceWarning, DeviceError, DivergenceError, DTypeError, ShapeError
 from fpgrad.linsolve import GCRODR, GMRES, RecycleSpace, get_solver
