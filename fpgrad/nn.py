@@ -7,7 +7,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_finite, check_inputs
+from ._checks import check_inputs
 from .autograd import fixed_point
 from .errors import ShapeError
 from .estimators import CostRecord, Estimator, OneStep, Truncated, get_estimator
@@ -36,14 +36,6 @@ def _reaches_initial_slots(est: Estimator) -> bool:
 def _inside_torch_func_transform() -> bool:
     """Whether a torch.func transform (grad, vjp, vmap, ...) is active (eager code only)."""
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def _check_finite_all(named: dict[str, Tensor], where: str) -> None:
-    """Raise NonFiniteError naming the first tensor with NaN or Inf; one host sync (one graph break) for all."""
-    flags = torch.stack([torch.isfinite(t).all() for t in named.values()])
-    if not bool(flags.all()):
-        bad = next(k for k, ok in zip(named, flags.tolist()) if not ok)
-        check_finite(named[bad], f"{where}: {bad}")
 
 
 class ImplicitSlotAttention(nn.Module):
@@ -219,9 +211,9 @@ class ImplicitSlotAttention(nn.Module):
             z0 = params["slots_mu"] + params["slots_log_sigma"].exp() * noise
         else:
             z0 = sample_slots(params, inputs.shape[0], self.num_slots, generator)
-        check_inputs(params, z0, inputs, where=where, check_values=False)
-        if not _inside_torch_func_transform():        # (a vmapped tensor has no single truth value)
-            _check_finite_all({"inputs": inputs, "initial slots": z0, **params}, where)
+        # (a vmapped tensor has no single truth value: values are checked outside torch.func transforms)
+        check_inputs(params, z0, inputs, where=where, check_values=not _inside_torch_func_transform(),
+                     z_name="initial slots", x_name="inputs")
         iters = self.iters if self.training else self.eval_iters
         est = self.estimator()
         record = CostRecord()

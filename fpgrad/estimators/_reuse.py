@@ -138,8 +138,8 @@ def refine(solver, JT_high, JT_low, g: Tensor, *, tol: float, low: torch.dtype, 
 
     until ||r|| <= tol ||g||: the accuracy reached is the high-precision residual, measured, never assumed.
     The solver's max_iter bounds the iterations of all inner solves together.
-    Returns a LinearSolution in g's dtype whose matvecs count every VJP (low and high) and whose residuals
-    are the high-precision residual after each refinement; `low_matvecs` in the message.
+    Returns (a LinearSolution in g's dtype whose matvecs count every VJP, low and high, and whose residuals are
+    the high-precision residual after each refinement; the number of low-precision VJPs among them).
     """
     from ..linsolve import LinearSolution
 
@@ -149,7 +149,6 @@ def refine(solver, JT_high, JT_low, g: Tensor, *, tol: float, low: torch.dtype, 
     B = g.shape[0]
     gnorm = g.norm(dim=1)
     scale = torch.where(gnorm == 0, torch.ones_like(gnorm), gnorm)
-    inner = replace(solver, tol=max(inner_tolerance(low), tol))
     high = low_vjps = refinements = 0
     u = torch.zeros_like(g)
     r = g.clone()
@@ -162,7 +161,7 @@ def refine(solver, JT_high, JT_low, g: Tensor, *, tol: float, low: torch.dtype, 
     rows = []
     diverged = torch.zeros(B, dtype=torch.bool, device=g.device)
     iterations = torch.zeros(B, dtype=torch.long, device=g.device)
-    left = None
+    left = solver.max_iter                                # shared by all inner solves
     while True:
         rel = r.norm(dim=1) / scale
         rows.append(rel)
@@ -170,17 +169,16 @@ def refine(solver, JT_high, JT_low, g: Tensor, *, tol: float, low: torch.dtype, 
         if not bool(torch.isfinite(rel).all()):
             diverged = ~torch.isfinite(rel)
             break
-        budget = getattr(solver, "max_iter", None)
-        left = None if budget is None else budget - int(iterations.max())
-        if bool(converged.all()) or refinements >= max_refinements or (left is not None and left <= 0):
+        left = solver.max_iter - int(iterations.max())
+        if bool(converged.all()) or refinements >= max_refinements or left <= 0:
             break
         if len(rows) >= 3 and bool((rows[-1] > 0.5 * rows[-2])[~converged].any()):
             break                                         # the refinement stopped contracting
         active = ~converged
         rn = r.norm(dim=1, keepdim=True)
         rs = torch.where(rn == 0, torch.ones_like(rn), rn)
-        step = inner if left is None else replace(inner, max_iter=left)       # max_iter bounds all inner solves
-        sol = step.solve(JT_low, (r / rs).to(low), throw=False, preconditioner=preconditioner, MT=MT_low)
+        inner = replace(solver, tol=max(inner_tolerance(low), tol), max_iter=left)
+        sol = inner.solve(JT_low, (r / rs).to(low), throw=False, preconditioner=preconditioner, MT=MT_low)
         low_vjps += sol.matvecs + sol.rmatvecs
         iterations += sol.iterations.to(iterations.device) * active
         if bool(sol.diverged.any()):
@@ -201,7 +199,7 @@ def refine(solver, JT_high, JT_low, g: Tensor, *, tol: float, low: torch.dtype, 
         u = torch.where(diverged.unsqueeze(1), torch.full_like(u, math.nan), u)
     elif bool(converged.all()):
         message = f"{what}; converged to {reached:.1e}"
-    elif left is not None and left <= 0 and not bool(converged.all()):
+    elif left <= 0:
         message = (f"{what}; reached {reached:.1e} > tol {tol:g} when the iteration budget max_iter={solver.max_iter} "
                    "(shared by all refinements) ran out: raise max_iter or use mixed_precision=None")
     elif refinements >= max_refinements:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._common import DIVERGED_CODES, MAX_ITER, STAGNATED, LinearSolver, Operator, _Run, safe
-from ._gmres import INITIAL_CAPACITY
+from ._gmres import INITIAL_CAPACITY, givens_column, least_squares, orthogonalise
 from ._recycle import RecycleSpace
 
 
@@ -104,28 +104,9 @@ class GCRODR(LinearSolver):
             W, Qt, R = ws.W, ws.Qt, ws.R
             w = run.A(run.precondition(W[:, k + j]), active)
             basis = W[:, : k + j + 1]                                # C, then the Arnoldi vectors
-            norm0 = w.norm(dim=1)
-            coef = torch.zeros(B, k + j + 1, dtype=w.dtype, device=w.device)
-            for _ in range(2):                                       # CGS2 against C and V
-                ci = torch.bmm(basis, w.unsqueeze(2)).squeeze(2)
-                w = w - torch.bmm(ci.unsqueeze(1), basis).squeeze(1)
-                coef = coef + ci
+            coef, w, hn, lucky = orthogonalise(basis, w, eps)      # CGS2 against C and V
             h = coef[:, k:]
-            hn = w.norm(dim=1)
-            lucky = ~(hn > eps * norm0)                              # invariant space: exact solution
-            hn = torch.where(lucky, 0, hn)
-            col = torch.bmm(Qt[:, : j + 2, : j + 2], torch.cat([h, hn.unsqueeze(1)], 1).unsqueeze(2)).squeeze(2)
-            diag = torch.hypot(col[:, j], col[:, j + 1])
-            stepping = active & (diag > 0)
-            cos = torch.where(stepping, col[:, j] / safe(diag), 1).unsqueeze(1)
-            sin = torch.where(stepping, col[:, j + 1] / safe(diag), 0).unsqueeze(1)
-            col = torch.cat([col[:, :j], diag.unsqueeze(1)], 1)
-            unit = torch.zeros_like(col)
-            unit[:, j] = 1
-            R[:, : j + 1, j] = torch.where(stepping.unsqueeze(1), col, unit)
-            rows = Qt[:, j : j + 2, : j + 2].clone()
-            Qt[:, j, : j + 2] = cos * rows[:, 0] + sin * rows[:, 1]
-            Qt[:, j + 1, : j + 2] = cos * rows[:, 1] - sin * rows[:, 0]
+            stepping = givens_column(Qt, R, h, hn, j, active)
             keep = stepping.unsqueeze(1)
             ws.H[:, : j + 1, j] = torch.where(keep, h, 0)
             ws.H[:, j + 1, j] = torch.where(stepping, hn, 0)
@@ -137,9 +118,7 @@ class GCRODR(LinearSolver):
             s = j + 1
         if s > 0:
             # min ||beta e1 - Hbar y||, then the U part cancels C^T A V y:  du = V y - U (C^T A V) y
-            used = torch.arange(s, device=steps.device) < steps.unsqueeze(1)
-            g = torch.where(used, beta.unsqueeze(1) * ws.Qt[:, :s, 0], 0)
-            y = torch.linalg.solve_triangular(ws.R[:, :s, :s], g.unsqueeze(2), upper=True).squeeze(2)
+            y = least_squares(ws.Qt, ws.R, beta, steps, s)
             By = torch.bmm(ws.Bk[:, :, :s], y.unsqueeze(2)).squeeze(2)
             t = t + torch.bmm(y.unsqueeze(1), ws.W[:, k : k + s]).squeeze(1) - torch.bmm(By.unsqueeze(1), U).squeeze(1)
         run.u = torch.where(members.unsqueeze(1), run.u + run.precondition(t), run.u)

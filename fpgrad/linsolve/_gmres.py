@@ -55,39 +55,61 @@ class GMRES(LinearSolver):
                 V, Qt, R = _workspace(run.b, min(2 * j, m), (V, Qt, R))
             w = run.A(run.precondition(V[:, j]), active)
             basis = V[:, : j + 1]
-            norm0 = w.norm(dim=1)
-            h = torch.zeros(B, j + 1, dtype=w.dtype, device=w.device)
-            for _ in range(2):                                      # CGS2
-                hi = torch.bmm(basis, w.unsqueeze(2)).squeeze(2)
-                w = w - torch.bmm(hi.unsqueeze(1), basis).squeeze(1)
-                h = h + hi
-            hn = w.norm(dim=1)
-            lucky = ~(hn > eps * norm0)                             # Krylov space invariant: exact solution
-            hn = torch.where(lucky, 0, hn)
-            col = torch.bmm(Qt[:, : j + 2, : j + 2], torch.cat([h, hn.unsqueeze(1)], 1).unsqueeze(2)).squeeze(2)
-            diag = torch.hypot(col[:, j], col[:, j + 1])
-            stepping = active & (diag > 0)          # diag = 0: the Hessenberg matrix is singular, stop here
-            cos = torch.where(stepping, col[:, j] / safe(diag), 1).unsqueeze(1)
-            sin = torch.where(stepping, col[:, j + 1] / safe(diag), 0).unsqueeze(1)
-            col = torch.cat([col[:, :j], diag.unsqueeze(1)], 1)
-            unit = torch.zeros_like(col)
-            unit[:, j] = 1
-            R[:, : j + 1, j] = torch.where(stepping.unsqueeze(1), col, unit)   # others: identity column
-            rows = Qt[:, j : j + 2, : j + 2].clone()
-            Qt[:, j, : j + 2] = cos * rows[:, 0] + sin * rows[:, 1]
-            Qt[:, j + 1, : j + 2] = cos * rows[:, 1] - sin * rows[:, 0]
+            h, w, hn, lucky = orthogonalise(basis, w, eps)
+            stepping = givens_column(Qt, R, h, hn, j, active)
             V[:, j + 1] = torch.where((stepping & ~lucky).unsqueeze(1), w / safe(hn).unsqueeze(1), 0)
             steps = steps + stepping.long()
             rel = beta * Qt[:, j + 1, 0].abs() / run.scale
             active = run.record(rel, active) & stepping & ~(rel <= run.threshold)
             k = j + 1
         if k > 0:
-            used = torch.arange(k, device=steps.device) < steps.unsqueeze(1)
-            g = torch.where(used, beta.unsqueeze(1) * Qt[:, :k, 0], 0)
-            y = torch.linalg.solve_triangular(R[:, :k, :k], g.unsqueeze(2), upper=True).squeeze(2)
+            y = least_squares(Qt, R, beta, steps, k)
             du = run.precondition(torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1))
             run.u = torch.where((steps > 0).unsqueeze(1), run.u + du, run.u)
         return None
+
+
+def orthogonalise(basis: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Classical Gram-Schmidt applied twice (CGS2) of w: [B, n] against the rows of basis: [B, j, n].
+
+    Returns (coefficients [B, j], the orthogonal remainder, its norm with 0 where the remainder vanished
+    relative to w, and that "lucky" mask: the space is invariant, the solution exact)."""
+    norm0 = w.norm(dim=1)
+    coef = torch.zeros(w.shape[0], basis.shape[1], dtype=w.dtype, device=w.device)
+    for _ in range(2):
+        ci = torch.bmm(basis, w.unsqueeze(2)).squeeze(2)
+        w = w - torch.bmm(ci.unsqueeze(1), basis).squeeze(1)
+        coef = coef + ci
+    hn = w.norm(dim=1)
+    lucky = ~(hn > eps * norm0)
+    return coef, w, torch.where(lucky, 0, hn), lucky
+
+
+def givens_column(Qt: Tensor, R: Tensor, h: Tensor, hn: Tensor, j: int, active: Tensor) -> Tensor:
+    """Bring Hessenberg column j (h: [B, j + 1], subdiagonal hn: [B]) into R with the rotations so far and one
+    new rotation, updating Q^T and R in place. Returns the samples that took the step (active, with a nonzero
+    diagonal; for the others R gets an identity column: a singular Hessenberg matrix stops them here)."""
+    col = torch.bmm(Qt[:, : j + 2, : j + 2], torch.cat([h, hn.unsqueeze(1)], 1).unsqueeze(2)).squeeze(2)
+    diag = torch.hypot(col[:, j], col[:, j + 1])
+    stepping = active & (diag > 0)
+    cos = torch.where(stepping, col[:, j] / safe(diag), 1).unsqueeze(1)
+    sin = torch.where(stepping, col[:, j + 1] / safe(diag), 0).unsqueeze(1)
+    col = torch.cat([col[:, :j], diag.unsqueeze(1)], 1)
+    unit = torch.zeros_like(col)
+    unit[:, j] = 1
+    R[:, : j + 1, j] = torch.where(stepping.unsqueeze(1), col, unit)
+    rows = Qt[:, j : j + 2, : j + 2].clone()
+    Qt[:, j, : j + 2] = cos * rows[:, 0] + sin * rows[:, 1]
+    Qt[:, j + 1, : j + 2] = cos * rows[:, 1] - sin * rows[:, 0]
+    return stepping
+
+
+def least_squares(Qt: Tensor, R: Tensor, beta: Tensor, steps: Tensor, k: int) -> Tensor:
+    """y: [B, k] minimising ||beta e1 - Hbar y|| from the rotated system R y = beta Q^T e1 (a sample uses its
+    first `steps` columns; the rest of its y is zero)."""
+    used = torch.arange(k, device=steps.device) < steps.unsqueeze(1)
+    g = torch.where(used, beta.unsqueeze(1) * Qt[:, :k, 0], 0)
+    return torch.linalg.solve_triangular(R[:, :k, :k], g.unsqueeze(2), upper=True).squeeze(2)
 
 
 INITIAL_CAPACITY = 32     # Arnoldi steps allocated at first; doubled as needed up to restart
