@@ -10,7 +10,7 @@ import scipy.sparse.linalg as spla
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from linsolve_helpers import SOLVE_TOL, Counter, Problem, assert_solved, make_problem
+from linsolve_helpers import SOLVE_TOL, Counter, Problem, assert_solved, make_problem, nonsymmetric_matrix
 
 from fpgrad.errors import (
     ConvergenceError,
@@ -309,6 +309,37 @@ def test_gmres_needs_as_many_matvecs_as_scipy():
     sol = GMRES(tol=1e-8, restart=n).solve(lambda v: v @ W.T, b)
     assert sol.converged.all()
     assert abs(sol.matvecs - len(calls)) <= max(2, 0.1 * len(calls)), (sol.matvecs, len(calls))
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 40), radius=st.sampled_from([0.3, 0.9, 0.99]),
+       restart=st.integers(1, 45), tol=st.sampled_from([1e-4, 1e-8]),
+       preconditioned=st.booleans(), guess=st.booleans())
+def test_gmres_single_sample_path_matches_the_batched_one(seed, n, radius, restart, tol, preconditioned, guess):
+    # a batch of one runs its Hessenberg problem on the host; a batch of two copies runs the batched cycle:
+    # the same iterates, residual trace, iteration count and matvecs, up to round-off (tolerances well above
+    # round-off, where the two arithmetics could stop one step apart)
+    g = torch.Generator().manual_seed(seed)
+    W = nonsymmetric_matrix(n, radius, g)
+    b = torch.randn(1, n, generator=g, dtype=torch.float64)
+    x0 = torch.randn(1, n, generator=g, dtype=torch.float64) if guess else None
+    P = None
+    if preconditioned:
+        D = torch.eye(n, dtype=torch.float64) + 0.1 * torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+        P = lambda v: v @ D.T                                                             # noqa: E731
+    solver = GMRES(tol=tol, restart=restart, max_iter=3 * n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = solver.solve(lambda v: v @ W.T, b, x0=x0, preconditioner=P, throw=False)
+        two = solver.solve(lambda v: v @ W.T, b.repeat(2, 1), x0=None if x0 is None else x0.repeat(2, 1),
+                           preconditioner=P, throw=False)
+    assert one.matvecs == two.matvecs
+    assert int(one.iterations[0]) == int(two.iterations[0])
+    assert bool(one.converged[0]) == bool(two.converged[0])
+    assert one.residuals.shape[0] == two.residuals.shape[0]
+    scale = float(one.u.norm()) + 1.0
+    assert float((one.u[0] - two.u[0]).norm()) <= 1e-8 * scale
+    floor = 1e-12
+    assert torch.allclose(one.residuals[:, 0], two.residuals[:, 0], rtol=1e-5, atol=floor)
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------------

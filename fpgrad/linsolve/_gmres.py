@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -22,6 +25,7 @@ class GMRES(LinearSolver):
     A sample whose residual estimate reaches tol stops extending its basis. At the end of each cycle the true
     residual is computed (one matvec) and the cycle restarts from it. max_iter counts Arnoldi steps (matvecs
     other than these residual checks). With right preconditioning the minimised residual is the true one.
+    A batch of one sample solves its small Hessenberg problem on the host (same arithmetic, fewer tensor ops).
     """
 
     restart: int = 30
@@ -39,6 +43,8 @@ class GMRES(LinearSolver):
             raise ValueError(f"gmres: restart must be >= 1, got {self.restart}")
 
     def _cycle(self, run: _Run, members: Tensor) -> Tensor | None:
+        if run.b.shape[0] == 1:
+            return _single_cycle(self, run)
         B, n = run.b.shape
         m = min(self.restart, run.budget, n)
         eps = torch.finfo(run.b.dtype).eps
@@ -67,6 +73,79 @@ class GMRES(LinearSolver):
             du = run.precondition(torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1))
             run.u = torch.where((steps > 0).unsqueeze(1), run.u + du, run.u)
         return None
+
+
+def _single_cycle(solver: GMRES, run: _Run) -> None:
+    """One cycle for a batch of one sample: the same arithmetic as the batched cycle (CGS2, Givens rotations,
+    recursive residual), with the small Hessenberg problem on the host in float64 scalars instead of ~50 tiny
+    tensor operations per step: one host sync per Arnoldi step (the batched cycle also syncs once, to test for
+    active samples). On small systems those tensor operations cost more than the products (benchmarks/
+    solver_overhead.py)."""
+    n = run.b.shape[1]
+    m = min(solver.restart, run.budget, n)
+    eps = torch.finfo(run.b.dtype).eps
+    beta = float(run.r.norm())
+    scale, threshold = float(run.scale), float(run.threshold)
+    growth_limit = float(run.growth_limit)
+    V = run.b.new_zeros(min(m, INITIAL_CAPACITY) + 1, n)
+    V[0] = run.r[0] / (beta if beta > 0 else 1.0)
+    cs: list[float] = []
+    sn: list[float] = []
+    columns: list[list[float]] = []   # column j of R: j + 1 entries
+    g = [beta]                        # beta Q^T e1, rotated so far
+    rels: list[float] = []
+    for j in range(m):
+        if j + 1 == V.shape[0]:
+            grown = run.b.new_zeros(min(2 * j, m) + 1, n)
+            grown[: j + 1] = V
+            V = grown
+        w = run.A(run.precondition(V[j : j + 1]))[0]
+        basis = V[: j + 1]
+        norm0 = w.norm()
+        c1 = torch.mv(basis, w)
+        w = w - torch.mv(basis.T, c1)
+        c2 = torch.mv(basis, w)
+        w = w - torch.mv(basis.T, c2)
+        hn = w.norm()
+        *col, hn_f, norm0_f = torch.cat([c1 + c2, hn.view(1), norm0.view(1)]).tolist()
+        lucky = not hn_f > eps * norm0_f
+        if lucky:
+            hn_f = 0.0
+        for i in range(j):
+            a, b = col[i], col[i + 1]
+            col[i], col[i + 1] = cs[i] * a + sn[i] * b, cs[i] * b - sn[i] * a
+        diag = math.hypot(col[j], hn_f)
+        if not diag > 0:                # singular Hessenberg (or NaN): stop here, the column is not taken
+            if not math.isfinite(diag):
+                rels.append(math.nan)
+            break
+        c, s = col[j] / diag, hn_f / diag
+        cs.append(c)
+        sn.append(s)
+        col[j] = diag
+        columns.append(col[: j + 1])
+        g[j], g_next = c * g[j], -s * g[j]
+        g.append(g_next)
+        rel = abs(g_next) / scale
+        rels.append(rel)
+        if not lucky:
+            V[j + 1] = w / hn_f
+        if not rel > threshold or not math.isfinite(rel) or rel > growth_limit:
+            break
+    if rels:
+        rows = torch.tensor(rels, dtype=run.rel.dtype, device=run.rel.device).unsqueeze(1)
+        run.rows.extend(rows.unbind(0))
+        run.actives.extend(torch.ones_like(rows, dtype=torch.bool).unbind(0))
+        run._classify(rows[-1], torch.ones_like(run.running), converge=False)
+    k = len(columns)
+    if k > 0 and bool(run.running.all()):
+        R = np.zeros((k, k))
+        for j, col in enumerate(columns):
+            R[: j + 1, j] = col
+        y = scipy.linalg.solve_triangular(R, np.asarray(g[:k]))
+        y = torch.as_tensor(y, dtype=run.b.dtype).to(run.b.device)
+        run.u = run.u + run.precondition(torch.mv(V[:k].T, y).unsqueeze(0))
+    return None
 
 
 def orthogonalise(basis: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
