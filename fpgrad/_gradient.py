@@ -85,5 +85,6 @@ def gradient(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
     grad_params = {k: g.detach() for k, g in zip(params, out[:-1])}
     fp = record.forward[-1] if record.forward else None
     sol = record.solves[-1] if record.solves else None
+    series = record.series[-1] if record.series else None
     return Gradient(grad_params, out[-1].detach(), z.detach(), loss.detach(), record.snapshot(), est.name,
-                    forward=fp, solve=sol, z0=z0_.detach())
+                    forward=fp, solve=sol, z0=z0_.detach(), series=series)

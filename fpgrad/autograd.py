@@ -124,8 +124,13 @@ class _AdjointPullback(torch.autograd.Function):
     def forward(step, estimator, keys, record, fixed_point, grad_z, z, x, *param_values):
         params = dict(zip(keys, param_values))
         lin = Linearisation(step, params, x, z, record, fixed_point)
-        u = estimator.adjoint_vector(lin, grad_z.reshape(z.shape[0], -1), record)
-        grad_params, grad_x = lin.pullback(u)
+        g = grad_z.reshape(z.shape[0], -1)
+        u = estimator.adjoint_vector(lin, g, record)
+        if estimator.reports_residual:
+            grad_params, grad_x, JTu = lin.pullback_with_state(u)
+            estimator.check_residual(lin, g, u, JTu, record)
+        else:
+            grad_params, grad_x = lin.pullback(u)
         return (grad_x, *[grad_params[k] for k in keys])
 
     @staticmethod
@@ -159,15 +164,24 @@ class _AdjointPullback(torch.autograd.Function):
         # the forward's FixedPoint is reusable only if it describes this very (folded) batch
         fp = fixed_point if fixed_point is not None and fixed_point.z.shape == zm.shape else None
         lin = Linearisation(step, params, xm, zm, record, fp)
-        u = estimator.adjoint_vector(lin, grad_z.reshape(V * b, -1), record).reshape(z.shape)
+        g = grad_z.reshape(V * b, -1)
+        u = estimator.adjoint_vector(lin, g, record).reshape(z.shape)
+        with_state = estimator.reports_residual
 
         def pull(zv, xv, uv):
+            if with_state:
+                _, fn = torch.func.vjp(lambda p, xx, zz: step(p, zz, xx), params, xv, zv)
+                gp, gx, gz = fn(uv)
+                return (gx, *[gp[k] for k in keys], gz)
             _, fn = torch.func.vjp(lambda p, xx: step(p, zv, xx), params, xv)
             gp, gx = fn(uv)
             return (gx, *[gp[k] for k in keys])
 
         record.vjps += 1
-        out = torch.func.vmap(pull)(z, x, u)
+        out = tuple(torch.func.vmap(pull)(z, x, u))
+        if with_state:
+            *out, JTu = out
+            estimator.check_residual(lin, g, u.reshape(V * b, -1), JTu.reshape(V * b, -1), record)
         return tuple(out), (0,) * len(out)
 
 

@@ -231,6 +231,64 @@ def test_neumann_estimator_with_spectral_radius_above_one_is_reported_divergent(
         fpgrad.gradient(m, x, lambda z: z.sum(), estimator=Neumann(5), z0=z_star, forward=TIGHT)
 
 
+# non-normal random A can make the first powers grow (rho < 1): the series then warns, which is not tested here
+@pytest.mark.filterwarnings("ignore::fpgrad.errors.ConvergenceWarning")
+@given(k=st.integers(0, 6), n=st.integers(1, 8), batch=st.integers(1, 3), rho=st.floats(0.0, 0.95),
+       tau=st.sampled_from([None, 0.3, 1.0]), seed=st.integers(0, 10_000))
+def test_truncated_series_report_their_residual_in_the_adjoint_system(k, n, batch, rho, tau, seed):
+    # closed form for a linear map: Neumann(k) leaves g - (I - A^T) u = (A^T)^{k+1} g, Phantom(k, tau) leaves
+    # M^k g with M = (1 - tau) I + tau A^T; measured by the pullback's VJP, so the product count is unchanged
+    m, x, _ = linear_problem(n=n, p=3, batch=batch, spectral_radius=rho, seed=seed)
+    target = torch.randn(batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    A = m.params["A"]
+    if tau is None:
+        est, M, power, vjps = Neumann(k), A.T, k + 1, k + 1
+    else:
+        est = Phantom(k + 1, tau)
+        M, power, vjps = (1 - tau) * torch.eye(n, dtype=A.dtype) + tau * A.T, k + 1, k + 1
+    g = fpgrad.gradient(m, x, quadratic_loss(target), estimator=est, forward=TIGHT)
+    gz = 2 * (g.z - target)
+    left = gz.T
+    for _ in range(power):
+        left = M @ left
+    expected = left.norm(dim=0) / gz.norm(dim=1)
+    assert g.series is not None and g.series.residual.shape == (batch,)
+    assert torch.allclose(g.series.residual, expected, rtol=1e-8, atol=1e-13)
+    assert torch.equal(g.series.solved, expected <= g.series.tol)
+    assert g.cost.vjps == vjps
+    assert g.solve is None
+
+
+def test_truncated_series_warn_when_they_leave_more_residual_than_zero():
+    m, x, z_star = _expanding_linear(rho=1.2)
+    with pytest.warns(ConvergenceWarning, match="more than u = 0"):
+        g = fpgrad.gradient(m, x, lambda z: z.sum(), estimator=Neumann(0), z0=z_star, forward=TIGHT)
+    assert float(g.series.residual.max()) > 1.0 and not bool(g.series.solved.any())
+    assert "not a solution" in g.series.message
+
+
+def test_truncated_series_residual_under_vmap_matches_a_loop():
+    # vmap(grad(fixed_point)) solves the vmapped slices as one batch: their residuals are the loop's
+    m = contractive_tanh(5, 0.8, seed=3)
+    xs = torch.randn(4, 1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    params = dict(m.params)
+
+    def loss(p, x, record):
+        z = fpgrad.fixed_point(m.step, p, x, torch.zeros(1, 5, dtype=torch.float64), forward=TIGHT,
+                               backward=Neumann(2), record=record)
+        return (z ** 2).sum()
+
+    batched = fpgrad.estimators.CostRecord()
+    torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, None))(params, xs, batched)
+    looped = []
+    for i in range(4):
+        record = fpgrad.estimators.CostRecord()
+        torch.func.grad(loss)(params, xs[i], record)
+        looped.append(record.series[-1].residual)
+    assert len(batched.series) == 1
+    assert torch.allclose(batched.series[-1].residual, torch.cat(looped), rtol=1e-9)
+
+
 @pytest.mark.parametrize("solver", ["gmres", "bicgstab", "cg_normal", "dense"])
 def test_krylov_solvers_still_give_the_exact_gradient_when_rho_exceeds_one(solver):
     m, x, z_star = _expanding_linear()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Union
 
-from ._adjoint import Implicit, Neumann, Phantom
+from ._adjoint import Implicit, Neumann, Phantom, SeriesResidual
 from ._base import Cost, CostRecord, Estimator, Gradient, Linearisation
 from ._finite_difference import FiniteDifference
 from ._native import OneStep, Truncated, Unrolled
@@ -77,6 +77,7 @@ __all__ = [
     "Neumann",
     "OneStep",
     "Phantom",
+    "SeriesResidual",
     "Truncated",
     "Unrolled",
     "WarmStart",

@@ -48,10 +48,57 @@ def _check_series(name: str, norms: list[float], record: CostRecord) -> None:
             "radius of J is >= 1 at this point; use Implicit(solver='gmres') (or check the map with "
             "fpgrad.spectral.spectral_radius)")
     if len(norms) >= 3 and last > first:
-        msg = (f"{name}: the series terms are not shrinking ({first:.3e} -> {last:.3e}); the spectral radius of J "
-               "is likely >= 1 and this gradient is unreliable: use Implicit(solver='gmres')")
+        msg = (f"{name}: the series terms are not shrinking ({first:.3e} -> {last:.3e}): the spectral radius of J "
+               "is >= 1, or J is non-normal and its powers grow before they shrink; this gradient is unreliable: "
+               "use Implicit(solver='gmres')")
         record.messages.append(msg)
         warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class SeriesResidual:
+    """What a truncated series (Neumann, Phantom) leaves of the adjoint system (I - J^T) u = g.
+
+    residual: [B] relative residual ||g - (I - J^T) u|| / ||g|| of the returned u (measured with the pullback's
+    own VJP: no extra product). solved: [B] residual <= tol, the tolerance Implicit() would use by default;
+    almost always False: the series is an approximation of the implicit gradient, and this says how far it
+    is from solving the system. A small residual does not prove the error small (it is amplified by up to
+    1 / sigma_min(I - J)), and a few terms cannot reveal rho(J) >= 1 (benchmarks/silent_failures.py).
+    """
+
+    estimator: str
+    residual: Tensor
+    terms: int
+    tol: float
+    solved: Tensor
+    message: str
+
+    @property
+    def converged(self) -> Tensor:
+        return self.solved
+
+
+def _record_series(name: str, terms: int, g: Tensor, u: Tensor, JTu: Tensor, record: CostRecord) -> None:
+    gnorm = g.norm(dim=1)
+    r = (g - (u - JTu)).norm(dim=1)
+    residual = torch.where(gnorm > 0, r / gnorm.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(r))
+    tol = default_tolerance(g.dtype)
+    solved = residual <= tol
+    worst = float(residual.max())
+    B = residual.numel()
+    where = "" if B == 1 else f" (worst of {B} samples)"
+    message = (f"{name}: the truncated series ({terms} terms) leaves a relative residual of {worst:.2e}{where} in "
+               f"the adjoint system (I - J^T) u = g: an approximation of the implicit gradient, not a solution of "
+               f"it (Implicit() solves it to {tol:g}); a few terms cannot show whether the series converges: "
+               "fpgrad.spectral.spectral_radius checks rho(J) < 1")
+    record.series.append(SeriesResidual(name, residual, terms, tol, solved, message))
+    if worst > 1.0:
+        msg = (f"{name}: the truncated series leaves a relative residual of {worst:.2f}{where} in (I - J^T) u = g, "
+               "more than u = 0 does: its terms grow (rho(J) >= 1, or a non-normal J whose powers grow before they "
+               "shrink) and this gradient is unreliable: use Implicit(solver='gmres') or check "
+               "fpgrad.spectral.spectral_radius")
+        record.messages.append(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
 
 @dataclass(frozen=True)
@@ -59,7 +106,9 @@ class Neumann(Estimator):
     """Truncated Neumann series:  u = sum_{i=0..k} (J^T)^i g  (k VJPs with J^T, then one pullback).
 
     Counting convention: k + 1 terms, so Neumann(k) equals backprop through k + 1 steps applied to the
-    detached z*, and Neumann(0) equals OneStep(). Terms that blow up raise DivergenceError.
+    detached z*, and Neumann(0) equals OneStep(). Terms that blow up raise DivergenceError; the residual the
+    series leaves in (I - J^T) u = g is measured by the pullback's VJP (no extra product) and kept in
+    `record.series` (SeriesResidual; `Gradient.series`), warned about when it exceeds that of u = 0.
     """
 
     k: int = 5
@@ -67,6 +116,10 @@ class Neumann(Estimator):
 
     name = "neumann"
     adjoint = True
+    reports_residual = True
+
+    def check_residual(self, lin, g, u, JTu, record):
+        _record_series(f"Neumann({self.k})", self.k + 1, g, u, JTu, record)
 
     def adjoint_vector(self, lin: Linearisation, g: Tensor, record: CostRecord) -> Tensor:
         check_fixed_point(f"Neumann({self.k})", lin, self.fixed_point_rtol, record)
@@ -84,6 +137,7 @@ class Neumann(Estimator):
 class Phantom(Estimator):
     """Phantom gradient (Geng et al. 2021): backprop through k damped steps h <- (1-tau) h + tau f(h)
     started at z*:   u = tau sum_{i=0..k-1} ((1 - tau) I + tau J^T)^i g   (k - 1 VJPs + one pullback).
+    Its residual in (I - J^T) u = g is kept in `record.series`, as for Neumann.
     """
 
     k: int = 5
@@ -92,6 +146,10 @@ class Phantom(Estimator):
 
     name = "phantom"
     adjoint = True
+    reports_residual = True
+
+    def check_residual(self, lin, g, u, JTu, record):
+        _record_series(f"Phantom({self.k}, {self.tau})", self.k, g, u, JTu, record)
 
     def __post_init__(self):
         if self.k < 1 or not 0.0 < self.tau <= 1.0:

@@ -28,6 +28,7 @@ class CostRecord:
     low_precision_vjps: int = 0                      # of the vjps, those in a lower dtype (mixed precision)
     forward: list = field(default_factory=list)      # FixedPoint results of the forward solves
     solves: list = field(default_factory=list)       # LinearSolution results of the adjoint solves
+    series: list = field(default_factory=list)       # SeriesResidual of the truncated series (Neumann, Phantom)
     messages: list = field(default_factory=list)
 
     def snapshot(self) -> Cost:
@@ -56,7 +57,8 @@ class Gradient:
 
     params: dict like the map's params; x: gradient w.r.t. the inputs; z: the state the loss saw;
     loss: its value; cost: work done; forward: the forward solve (FixedPoint) if one ran;
-    solve: the adjoint linear solve (LinearSolution) for Implicit.
+    solve: the adjoint linear solve (LinearSolution) for Implicit; series: for Neumann and Phantom, the
+    residual their truncated series leaves in the adjoint system (SeriesResidual).
     """
 
     params: dict[str, Tensor]
@@ -68,6 +70,7 @@ class Gradient:
     forward: Any = None
     solve: Any = None
     z0: Tensor | None = None
+    series: Any = None
 
     def flat(self) -> Tensor:
         """All parameter gradients concatenated in key order (for errors and cosines)."""
@@ -119,14 +122,32 @@ class Linearisation:
 
     def pullback(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
         """(df/dparams)^T u and (df/dx)^T u at z*:  one VJP."""
-        self.record.vjps += 1
-        z = self.z_star
-        if self.x is None:
-            _, fn = torch.func.vjp(lambda p: self.step(p, z, None), dict(self.params))
-            return fn(u.reshape(self.shape))[0], None
-        _, fn = torch.func.vjp(lambda p, xx: self.step(p, z, xx), dict(self.params), self.x)
-        gp, gx = fn(u.reshape(self.shape))
+        gp, gx, _ = self._pull(u, with_state=False)
         return gp, gx
+
+    def pullback_with_state(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor | None, Tensor]:
+        """(df/dparams)^T u, (df/dx)^T u and J^T u (flat, like u) at z*: the same one VJP, also taken w.r.t. z
+        (what lets a truncated series measure its residual without another product)."""
+        return self._pull(u, with_state=True)
+
+    def _pull(self, u: Tensor, with_state: bool):
+        self.record.vjps += 1
+        z, x, cot = self.z_star, self.x, u.reshape(self.shape)
+        params = dict(self.params)
+        if x is None:
+            if with_state:
+                _, fn = torch.func.vjp(lambda p, zz: self.step(p, zz, None), params, z)
+                gp, gz = fn(cot)
+                return gp, None, gz.reshape(u.shape)
+            _, fn = torch.func.vjp(lambda p: self.step(p, z, None), params)
+            return fn(cot)[0], None, None
+        if with_state:
+            _, fn = torch.func.vjp(lambda p, xx, zz: self.step(p, zz, xx), params, x, z)
+            gp, gx, gz = fn(cot)
+            return gp, gx, gz.reshape(u.shape)
+        _, fn = torch.func.vjp(lambda p, xx: self.step(p, z, xx), params, x)
+        gp, gx = fn(cot)
+        return gp, gx, None
 
 
 class Estimator:
@@ -141,6 +162,10 @@ class Estimator:
 
     adjoint: bool = False
     name: str = "estimator"
+    reports_residual: bool = False    # adjoint kind: the pullback also gives J^T u, passed to check_residual
+
+    def check_residual(self, lin: Linearisation, g: Tensor, u: Tensor, JTu: Tensor, record: CostRecord) -> None:
+        """Adjoint kind with reports_residual: record what u leaves of (I - J^T) u = g (JTu = J^T u, free)."""
 
     def differentiate(self, step, params, x, z0, forward, record: CostRecord) -> Tensor:  # native kind
         raise NotImplementedError
