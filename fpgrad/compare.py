@@ -42,7 +42,8 @@ def compare_estimators(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
                        forward: Union[str, ForwardSolver, None] = None, keys: Sequence[str] | None = None,
                        generator_seed: int = 0, labels: Sequence[str] | None = None) -> list[dict]:
     """One row per estimator: relative error and cosine of its parameter gradient (over `keys`, default
-    all params) against `reference` (default Implicit(solver="gmres") at a tight tolerance), with its cost.
+    all params) against `reference` (default Implicit(solver="gmres") at a tight tolerance), with its cost
+    and `adjoint_residual` (the exact solve's, or what Neumann / Phantom leave; NaN for taped estimators).
 
     Every estimator sees the same z0 (default: m.init_state drawn with `generator_seed` inside each
     gradient call, so that estimators reaching the initialisation give its parameters a gradient). An
@@ -73,12 +74,12 @@ def compare_estimators(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
             flat = flat_gradient(g, keys)
             row.update(relative_error=relative_error(flat, ref_flat), cosine=cosine(flat, ref_flat),
                        relative_error_x=relative_error(g.x, ref.x) if ref.x is not None else math.nan,
-                       **g.cost.to_dict(), converged=_converged(g),
+                       **g.cost.to_dict(), converged=_converged(g), adjoint_residual=_adjoint_residual(g),
                        warnings=[str(w.message) for w in caught])
         except FPGradError as e:
             row.update(relative_error=math.nan, cosine=math.nan, relative_error_x=math.nan, vjps=0, jvps=0,
                        forward_steps=0, backward_steps=0, bytes_saved=0, seconds=0.0, converged=False,
-                       error=f"{type(e).__name__}: {e}")
+                       adjoint_residual=math.nan, error=f"{type(e).__name__}: {e}")
         rows.append(row)
     return rows
 
@@ -101,6 +102,13 @@ def describe(est: Estimator) -> str:
     if isinstance(est, FiniteDifference):
         return "FiniteDifference"
     return repr(est)
+
+
+def _adjoint_residual(g: Gradient) -> float:
+    """Worst relative residual of the adjoint u in (I - J^T) u = g: the exact solve's, or what a truncated series
+    leaves (NaN for the taped estimators, which form no adjoint)."""
+    result = g.solve if g.solve is not None else g.series
+    return math.nan if result is None else float(torch.as_tensor(result.residual).max())
 
 
 def _converged(g: Gradient) -> bool:

@@ -373,3 +373,21 @@ def test_no_fixed_point_warning_at_a_converged_state():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fpgrad.gradient(m, x, lambda z: z.sum(), estimator=Implicit(solver="gmres"), forward=TIGHT)
+
+
+def test_compare_estimators_rows_carry_error_cost_and_adjoint_residual():
+    from fpgrad.compare import compare_estimators
+    m, x, _ = linear_problem(n=6, batch=2, spectral_radius=0.6, seed=5)
+    target = torch.ones(2, 6, dtype=torch.float64)
+    expected, _ = closed_form_linear(m, x, lambda z: 2 * (z - target))
+    exact = torch.cat([expected[k].reshape(-1) for k in sorted(expected)])
+    rows = compare_estimators(m, x, quadratic_loss(target), [Implicit(tol=1e-12), Neumann(3), OneStep()],
+                              forward=TIGHT)
+    by = {r["estimator"]: r for r in rows}
+    implicit, neumann, one_step = (by[k] for k in ("Implicit(gmres, tol=1e-12)", "Neumann(3)", "OneStep"))
+    assert implicit["relative_error"] < 1e-9 and implicit["adjoint_residual"] <= 1e-12 and implicit["converged"]
+    g = fpgrad.gradient(m, x, quadratic_loss(target), estimator=Neumann(3), forward=TIGHT)
+    assert neumann["relative_error"] == pytest.approx(rel_error(g.flat(), exact), rel=1e-6)
+    assert neumann["adjoint_residual"] == pytest.approx(float(g.series.residual.max()), rel=1e-9)
+    assert 0 < neumann["adjoint_residual"] < 1 and neumann["vjps"] == 4
+    assert one_step["adjoint_residual"] != one_step["adjoint_residual"]        # NaN: no adjoint formed

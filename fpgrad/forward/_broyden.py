@@ -35,7 +35,8 @@ class Broyden(ForwardSolver):
     """Broyden's good method for g(z) = f(z) - z = 0 with inverse estimate H = -I + U V^T.
 
     z_{t+1} = z_t - H g_t;  H <- H + (s - H y) s^T H / (s^T H y),  s = dz, y = dg.
-    Memory `memory` rank-one terms; the oldest is dropped when full.
+    Memory `memory` rank-one terms; the oldest is dropped when full. The terms are stored as rows,
+    U, V: [B, memory, n], so that the filled part is one contiguous block for the batched products.
     """
 
     memory: int = 50
@@ -45,20 +46,20 @@ class Broyden(ForwardSolver):
 
     def _init(self, z: Tensor, fz: Tensor):
         B, n = z.shape
-        U = torch.zeros(B, n, self.memory, dtype=z.dtype, device=z.device)
+        U = torch.zeros(B, self.memory, n, dtype=z.dtype, device=z.device)
         return {"U": U, "V": torch.zeros_like(U), "count": 0, "dropped": 0}
 
     @staticmethod
     def _H(state, v: Tensor) -> Tensor:            # H v, over the filled columns only
         r = state["count"]
-        U, V = state["U"][:, :, :r], state["V"][:, :, :r]
-        return -v + torch.einsum("bnr,br->bn", U, torch.einsum("bnr,bn->br", V, v))
+        U, V = state["U"][:, :r], state["V"][:, :r]
+        return -v + torch.einsum("brn,br->bn", U, torch.einsum("brn,bn->br", V, v))
 
     @staticmethod
     def _HT(state, v: Tensor) -> Tensor:           # H^T v
         r = state["count"]
-        U, V = state["U"][:, :, :r], state["V"][:, :, :r]
-        return -v + torch.einsum("bnr,br->bn", V, torch.einsum("bnr,bn->br", U, v))
+        U, V = state["U"][:, :r], state["V"][:, :r]
+        return -v + torch.einsum("brn,br->bn", V, torch.einsum("brn,bn->br", U, v))
 
     def _propose(self, state, z: Tensor, fz: Tensor) -> Tensor:
         return z - self._H(state, fz - z)
@@ -78,11 +79,11 @@ class Broyden(ForwardSolver):
             slot = state["count"]
         else:                                                     # drop the oldest term
             state["dropped"] += 1
-            state["U"] = torch.roll(state["U"], -1, dims=2)
-            state["V"] = torch.roll(state["V"], -1, dims=2)
+            state["U"] = torch.roll(state["U"], -1, dims=1)
+            state["V"] = torch.roll(state["V"], -1, dims=1)
             slot = self.memory - 1
-        state["U"][:, :, slot] = u
-        state["V"][:, :, slot] = v
+        state["U"][:, slot] = u
+        state["V"][:, slot] = v
         state["count"] = min(state["count"] + 1, self.memory)
         return state
 
@@ -94,5 +95,5 @@ class Broyden(ForwardSolver):
 
     def _info(self, state) -> dict:
         r = state["count"]
-        return {"inverse": LowRankInverse(state["U"][:, :, :r], state["V"][:, :, :r]),
+        return {"inverse": LowRankInverse(state["U"][:, :r].transpose(1, 2), state["V"][:, :r].transpose(1, 2)),
                 "dropped_updates": state["dropped"]}
