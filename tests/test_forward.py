@@ -157,6 +157,26 @@ def test_nan_in_inputs_names_the_tensor(where):
         fpgrad.solve(m, x, z0=z0)
 
 
+def test_finite_values_whose_sum_overflows_are_not_taken_for_inf():
+    # the finiteness checks sum first (a NaN/Inf makes the sum non-finite) and look closer when it is not:
+    # huge finite entries that overflow the sum must pass, a real Inf among them must still be named
+    from fpgrad._checks import check_finite, check_inputs
+    big = torch.full((4, 3), 3e38, dtype=torch.float32)
+    check_finite(big, "big")
+    check_inputs({"W": big}, torch.zeros(4, 3), big.clone())
+    bad = big.clone()
+    bad[2, 1] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"params\['W'\] contains 0 NaN and 1 Inf"):
+        check_inputs({"W": bad}, torch.zeros(4, 3), big.clone())
+
+    def step(params, z, x):               # iterates grow to a fixed point at 3e38: finite, their sum is not
+        return torch.clamp(z * 1e3 + 1, max=3e38)
+
+    sol = fpgrad.forward.Iterate(max_iter=40).solve(step, {}, torch.zeros(2, 4), torch.zeros(2, 4))
+    assert sol.all_converged and float(sol.z.min()) == pytest.approx(3e38, rel=1e-6)
+    assert not bool(torch.isfinite(sol.z.sum(dim=1)).any())
+
+
 def test_nan_appearing_during_iteration_is_an_error():
     def step(params, z, x):
         return torch.where(z > 3, torch.full_like(z, float("nan")), z + 1)

@@ -166,7 +166,7 @@ class ForwardSolver:
             else:
                 fz_new = fz.clone()
                 fz_new[idx] = f(proposal[idx], idx)
-            self._check_finite(torch.cat([proposal, fz_new], dim=1), active, it)
+            self._check_finite(proposal, active, it, fz_new)
             state = self._update(state, z, fz, proposal, fz_new, active)
             a = active.unsqueeze(1)
             z = torch.where(a, proposal, z)
@@ -199,8 +199,13 @@ class ForwardSolver:
         return FixedPoint(best_z.reshape(z0.shape), steps, residuals, converged, torch.stack(rel_trace),
                           self.name, message, f.evaluations, self._info(state))
 
-    def _check_finite(self, t: Tensor, active: Tensor, it: int) -> None:
-        bad = active & ~torch.isfinite(t).all(dim=1)
+    def _check_finite(self, t: Tensor, active: Tensor, it: int, other: Tensor | None = None) -> None:
+        sums = t.sum(dim=1) if other is None else t.sum(dim=1) + other.sum(dim=1)
+        if bool((active & ~torch.isfinite(sums)).any()):      # a NaN/Inf, or an overflowing sum: look closer
+            ts = t if other is None else torch.cat([t, other], dim=1)
+            bad = active & ~torch.isfinite(ts).all(dim=1)
+        else:
+            return
         if bool(bad.any()):
             samples = bad.nonzero().squeeze(1).tolist()
             raise NonFiniteError(
