@@ -346,7 +346,30 @@ def end_to_end(problem: Problem, z0: Tensor, repeats: int, *, forward_tol: float
         row["seconds_median"] = timed[row["method"]]["median"]
         row["seconds_samples"] = timed[row["method"]]["samples"]
     return {"rows": rows, "forward_tol": forward_tol, "backward_tol": backward_tol, "restart": restart,
-            "loss": "1/2 ||z* - t||^2, t ~ N(0, I) fixed"}
+            "loss": "1/2 ||z* - t||^2, t ~ N(0, I) fixed", "forward": _forward_reached(t, z0, forward_tol, max_iter)}
+
+
+def _forward_reached(t: C.TunedMap, z0: Tensor, tol: float, max_iter: int) -> dict:
+    """Steps and the common relative residual ||f(z) - z|| / ||f(z)|| of the forward solves the end-to-end runs use
+    (fpgrad's Broyden; TorchDEQ's Broyden, inside its layer and the TorchOpt runs), outside the timing."""
+    import fpgrad
+
+    def rel(z: Tensor) -> float:
+        with torch.no_grad():
+            fz = t.step(t.params, z, t.x)
+        return float(((fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1)).max())
+    out = {}
+    with C.quiet(), torch.no_grad():
+        sol = fpgrad.forward.get_forward("broyden", tol=tol, max_iter=max_iter, memory=max_iter).solve(
+            t.step, t.params, t.x, z0)
+    out["fpgrad broyden"] = {"steps": int(sol.steps.max()), "relative_residual": rel(sol.z)}
+    if C.have("torchdeq"):
+        from torchdeq.solver import broyden_solver
+        with C.quiet(), torch.no_grad():
+            z, _, info = broyden_solver(lambda z: t.step(t.params, z, t.x), z0, max_iter=max_iter, tol=tol,
+                                        stop_mode="rel")
+        out["torchdeq broyden"] = {"steps": int(torch.as_tensor(info["nstep"]).max()), "relative_residual": rel(z)}
+    return out
 
 
 # ---- targets ------------------------------------------------------------------------------------------------

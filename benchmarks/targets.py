@@ -173,6 +173,19 @@ def _adjoint_bound(t: dict, found: dict) -> str:
             text += ": same VJPs, the difference is time outside the VJP (and the load on the machine)"
         return text
     if t["target"].startswith("end-to-end"):
+        reached = (entry.get("end_to_end") or {}).get("forward") or {}
+        if "fpgrad broyden" in reached and "torchdeq broyden" in reached:
+            a, b = reached["fpgrad broyden"], reached["torchdeq broyden"]
+            tol = entry["end_to_end"]["forward_tol"]
+            text = (f"the forward solve dominates: to tol {tol:g} fpgrad's Broyden takes {a['steps']} steps (relative "
+                    f"residual {C.fmt(a['relative_residual'])}), TorchDEQ's (in its layer and in the TorchOpt run) "
+                    f"{b['steps']} (relative residual {C.fmt(b['relative_residual'])}"
+                    + (": it stops within 3x the tolerance after 30 steps of little progress)"
+                       if b["relative_residual"] > tol else ")"))
+            if "torchopt" in t["target"]:
+                text += ("; TorchOpt's Neumann series was given maxiter from the known rho(J) (its default, 10, "
+                         "gives a wrong gradient: silent_failures)")
+            return text
         fwd = found.get("forward_solve")
         if not fwd:
             return "the forward solve dominates the end-to-end time"
