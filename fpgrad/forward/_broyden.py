@@ -30,6 +30,16 @@ class LowRankInverse:
         return v - torch.einsum("bnr,br->bn", self.V, torch.einsum("bnr,bn->br", self.U, v))
 
 
+_INITIAL_ROWS = 32
+
+
+def _low_rank(A: Tensor, C: Tensor, v: Tensor) -> Tensor:
+    """-v + A^T (C v) per sample for A, C: [B, r, n] (rows), v: [B, n]: two batched matrix products."""
+    if A.shape[1] == 0:
+        return -v
+    return torch.baddbmm(v.unsqueeze(1), torch.bmm(C, v.unsqueeze(2)).transpose(1, 2), A, alpha=1, beta=-1).squeeze(1)
+
+
 @dataclass(frozen=True)
 class Broyden(ForwardSolver):
     """Broyden's good method for g(z) = f(z) - z = 0 with inverse estimate H = -I + U V^T.
@@ -46,20 +56,19 @@ class Broyden(ForwardSolver):
 
     def _init(self, z: Tensor, fz: Tensor):
         B, n = z.shape
-        U = torch.zeros(B, self.memory, n, dtype=z.dtype, device=z.device)
+        # grown on demand up to `memory` rows (a large memory costs only the rows filled)
+        U = torch.zeros(B, min(self.memory, _INITIAL_ROWS), n, dtype=z.dtype, device=z.device)
         return {"U": U, "V": torch.zeros_like(U), "count": 0, "dropped": 0}
 
     @staticmethod
-    def _H(state, v: Tensor) -> Tensor:            # H v, over the filled columns only
+    def _H(state, v: Tensor) -> Tensor:            # H v, over the filled rows only
         r = state["count"]
-        U, V = state["U"][:, :r], state["V"][:, :r]
-        return -v + torch.einsum("brn,br->bn", U, torch.einsum("brn,bn->br", V, v))
+        return _low_rank(state["U"][:, :r], state["V"][:, :r], v)
 
     @staticmethod
     def _HT(state, v: Tensor) -> Tensor:           # H^T v
         r = state["count"]
-        U, V = state["U"][:, :r], state["V"][:, :r]
-        return -v + torch.einsum("brn,br->bn", V, torch.einsum("brn,bn->br", U, v))
+        return _low_rank(state["V"][:, :r], state["U"][:, :r], v)
 
     def _propose(self, state, z: Tensor, fz: Tensor) -> Tensor:
         return z - self._H(state, fz - z)
@@ -77,6 +86,12 @@ class Broyden(ForwardSolver):
         v = torch.where(ok, vT, torch.zeros_like(s))
         if state["count"] < self.memory:
             slot = state["count"]
+            if slot == state["U"].shape[1]:
+                rows = min(2 * slot, self.memory)
+                for key in ("U", "V"):
+                    grown = state[key].new_zeros(state[key].shape[0], rows, state[key].shape[2])
+                    grown[:, :slot] = state[key]
+                    state[key] = grown
         else:                                                     # drop the oldest term
             state["dropped"] += 1
             state["U"] = torch.roll(state["U"], -1, dims=1)
