@@ -22,9 +22,9 @@ def test_solver_finds_closed_form_fixed_point_of_linear_map(method, n, batch, rh
     m, x, z_star = linear_problem(n=n, batch=batch, spectral_radius=rho, seed=seed)
     sol = fpgrad.solve(m, x, method=method, tol=1e-10, max_iter=3000, throw=True)
     assert bool(sol.converged.all())
-    cond = torch.linalg.cond(torch.eye(n, dtype=torch.float64) - m.params["A"])
-    # ||z - z*|| <= ||(I - A)^{-1}|| ||residual|| ; residual <= tol ||f(z)||
-    bound = 1e-10 * cond * z_star.norm(dim=1).clamp_min(1.0) * 10
+    inverse_norm = torch.linalg.matrix_norm(torch.linalg.inv(torch.eye(n, dtype=torch.float64) - m.params["A"]), 2)
+    # ||z - z*|| <= ||(I - A)^{-1}|| ||residual|| ; residual <= tol ||f(z)|| (~ tol ||z*||); 2x for round-off
+    bound = 1e-10 * inverse_norm * z_star.norm(dim=1).clamp_min(1.0) * 2
     assert ((sol.z - z_star).norm(dim=1) <= bound).all()
 
 
