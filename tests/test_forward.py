@@ -177,6 +177,19 @@ def test_finite_values_whose_sum_overflows_are_not_taken_for_inf():
     assert not bool(torch.isfinite(sol.z.sum(dim=1)).any())
 
 
+def test_finiteness_checks_record_no_autograd_graph():
+    # isfinite on a parameter that requires grad records abs() and saves the parameter: that inflated the
+    # bytes-saved figures (fpgrad.gradient's SavedBytes) before the checks detached
+    from fpgrad._checks import check_finite, check_inputs
+    W = torch.randn(50, 50, dtype=torch.float64, requires_grad=True)
+    x = torch.zeros(2, 50, dtype=torch.float64, requires_grad=True)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        check_inputs({"W": W}, torch.zeros(2, 50, dtype=torch.float64), x)
+        check_finite(W, "W")
+    assert packed == []
+
+
 def test_nan_appearing_during_iteration_is_an_error():
     def step(params, z, x):
         return torch.where(z > 3, torch.full_like(z, float("nan")), z + 1)
