@@ -300,8 +300,7 @@ def reading(table: list[dict]) -> list[str]:
         out.append(f"**Timing noise**: the {len(table[0]['seconds_all'])} repeats of one configuration differ by a "
                    f"median {float(np.median(spreads)):.0%} and up to {max(spreads):.0%} (max/min − 1), so time "
                    "ratios closer to 1 than that are not resolved (Truncated and OneStep, for instance, do nearly the "
-                   "same work: T − 3 untaped iterations + 3 taped steps vs T untaped + 1 taped; the shared machine "
-                   "these ran on had other jobs running).")
+                   "same work: T − 3 untaped iterations + 3 taped steps vs T untaped + 1 taped).")
     if lo_rows:
         out.append(f"At T = {t_lo}: " + ", ".join(f"{r['estimator']} {r['ms']:.3g} ms"
                                                                        for r in lo_rows)
@@ -396,8 +395,8 @@ def finalize(rows: list[dict], out_dir: Path, meta: dict) -> None:
              "activations) is not in it. `fpgrad.maps.slot_attention_step` recomputes LayerNorm(inputs), k and v "
              "every iteration, so Unrolled saves those [B, N, D] tensors once per iteration; an implementation that "
              "computes them once would make Unrolled's per-iteration bytes smaller (the growth stays linear). "
-             "Timings were taken on a shared machine with other jobs running: see the timing-noise line of the "
-             "reading before comparing times."]
+             "Timings depend on what else the machine runs: see the timing-noise line of the reading before "
+             "comparing times."]
     lines = ["# Cost scaling of fixed-point gradient estimators", "",
              "Memory saved for backward and wall time of one forward + backward pass vs the number of forward "
              "iterations T (issue #6, part 2): the constant-memory claim of implicit / one-step gradients, "
