@@ -173,43 +173,17 @@ def _adjoint_bound(t: dict, found: dict) -> str:
             text += ": same VJPs, the difference is time outside the VJP (and the load on the machine)"
         return text
     if t["target"].startswith("end-to-end"):
-        reached = (entry.get("end_to_end") or {}).get("forward") or {}
-        if "fpgrad broyden" in reached and "torchdeq broyden" in reached:
-            a, b = reached["fpgrad broyden"], reached["torchdeq broyden"]
-            tol = entry["end_to_end"]["forward_tol"]
-            text = (f"the forward solve dominates: to tol {tol:g} fpgrad's Broyden takes {a['steps']} steps (relative "
-                    f"residual {C.fmt(a['relative_residual'])}), TorchDEQ's (in its layer and in the TorchOpt run) "
-                    f"{b['steps']} (relative residual {C.fmt(b['relative_residual'])}"
-                    + (": it stops within 3x the tolerance after 30 steps of little progress)"
-                       if b["relative_residual"] > tol else ")"))
-            if "torchopt" in t["target"]:
-                text += ("; TorchOpt's Neumann series was given maxiter from the known rho(J) (its default, 10, "
-                         "gives a wrong gradient: silent_failures)")
-            return text
-        fwd = found.get("forward_solve")
-        if not fwd:
-            return "the forward solve dominates the end-to-end time"
-        fe = next((e for e in fwd["results"]["maps"] if e["label"] == entry["label"]), None)
-        if fe is None:
-            return "the forward solve dominates the end-to-end time"
-        rows = {(r["library"], r["solver"]): r for r in fe["rows"]}
-        fp = min((r for r in fe["rows"] if r["library"] == "fpgrad" and r["converged"]),
-                 key=lambda r: r["seconds_median"], default=None)
-        deq = rows.get(("torchdeq", "broyden (full memory)"))
-        if fp is None or deq is None:
-            return "the forward solve dominates the end-to-end time"
-        text = (f"the forward solve dominates: forward_solve to {fwd['results']['tol']:g}: fastest fpgrad "
-                f"{fp['solver']} {fp['steps']} steps {C.fmt(fp['seconds_median'])} s vs TorchDEQ broyden "
-                f"{deq['steps']} steps {C.fmt(deq['seconds_median'])} s"
-                + ("" if deq.get("converged", True) else
-                   " (TorchDEQ's stops on its own residual measure before the common tolerance: forward_solve flags "
-                   "it unconverged)"))
         e2e = entry.get("end_to_end") or {}
-        errors = {r["library"]: r["gradient_error"] for r in e2e.get("rows", [])
-                  if r["method"].startswith("fpgrad: fixed_point(broyden") or r["library"] != "fpgrad"}
-        if errors.get("fpgrad") is not None and errors.get("torchdeq") is not None and "torchdeq" in t["target"]:
-            text += (f"; gradient error fpgrad {C.fmt(errors['fpgrad'])} vs torchdeq {C.fmt(errors['torchdeq'])} "
-                     "(both asked for the same tolerances)")
+        reached = e2e.get("forward") or {}
+        if "fpgrad broyden" not in reached or "torchdeq broyden" not in reached:
+            return "the forward solve dominates the end-to-end time"
+        a, b = reached["fpgrad broyden"], reached["torchdeq broyden"]
+        tol = e2e["forward_tol"]
+        text = (f"the forward solve dominates: to tol {tol:g} fpgrad's Broyden takes {a['steps']} steps (relative "
+                f"residual {C.fmt(a['relative_residual'])}), TorchDEQ's (in its layer and in the TorchOpt run) "
+                f"{b['steps']} (relative residual {C.fmt(b['relative_residual'])}"
+                + (": it stops within 3x the tolerance after 30 steps of little progress)"
+                   if b["relative_residual"] > tol else ")"))
         if "torchopt" in t["target"]:
             text += ("; TorchOpt's Neumann series was given maxiter from the known rho(J) (its default, 10, gives "
                      "a wrong gradient: silent_failures)")

@@ -73,10 +73,6 @@ class SeriesResidual:
     solved: Tensor
     message: str
 
-    @property
-    def converged(self) -> Tensor:
-        return self.solved
-
 
 def _record_series(name: str, terms: int, g: Tensor, u: Tensor, JTu: Tensor, record: CostRecord) -> None:
     gnorm = g.norm(dim=1)

@@ -132,22 +132,15 @@ class Linearisation:
 
     def _pull(self, u: Tensor, with_state: bool):
         self.record.vjps += 1
-        z, x, cot = self.z_star, self.x, u.reshape(self.shape)
-        params = dict(self.params)
-        if x is None:
-            if with_state:
-                _, fn = torch.func.vjp(lambda p, zz: self.step(p, zz, None), params, z)
-                gp, gz = fn(cot)
-                return gp, None, gz.reshape(u.shape)
-            _, fn = torch.func.vjp(lambda p: self.step(p, z, None), params)
-            return fn(cot)[0], None, None
-        if with_state:
-            _, fn = torch.func.vjp(lambda p, xx, zz: self.step(p, zz, xx), params, x, z)
-            gp, gx, gz = fn(cot)
-            return gp, gx, gz.reshape(u.shape)
-        _, fn = torch.func.vjp(lambda p, xx: self.step(p, z, xx), params, x)
-        gp, gx = fn(cot)
-        return gp, gx, None
+        has_x = self.x is not None
+        primals = (dict(self.params),) + ((self.x,) if has_x else ()) + ((self.z_star,) if with_state else ())
+
+        def f(p, *rest):
+            return self.step(p, rest[-1] if with_state else self.z_star, rest[0] if has_x else None)
+        _, fn = torch.func.vjp(f, *primals)
+        grads = fn(u.reshape(self.shape))
+        return (grads[0], grads[1] if has_x else None,
+                grads[-1].reshape(u.shape) if with_state else None)
 
 
 class Estimator:

@@ -9,6 +9,15 @@ from torch import Tensor
 
 from ._common import ForwardSolver
 
+_INITIAL_ROWS = 32
+
+
+def _low_rank(A: Tensor, C: Tensor, v: Tensor) -> Tensor:
+    """-v + A^T (C v) per sample for A, C: [B, r, n] (rows), v: [B, n]: two batched matrix products."""
+    if A.shape[1] == 0:
+        return -v
+    return torch.baddbmm(v.unsqueeze(1), torch.bmm(C, v.unsqueeze(2)).transpose(1, 2), A, alpha=1, beta=-1).squeeze(1)
+
 
 @dataclass(frozen=True)
 class LowRankInverse:
@@ -22,22 +31,12 @@ class LowRankInverse:
     V: Tensor
 
     def solve(self, v: Tensor) -> Tensor:
-        """~ (I - J)^{-1} v.   v: [B, n]."""
-        return v - torch.einsum("bnr,br->bn", self.U, torch.einsum("bnr,bn->br", self.V, v))
+        """~ (I - J)^{-1} v = -H v.   v: [B, n]."""
+        return -_low_rank(self.U.mT, self.V.mT, v)
 
     def solve_transpose(self, v: Tensor) -> Tensor:
-        """~ (I - J^T)^{-1} v.   v: [B, n]."""
-        return v - torch.einsum("bnr,br->bn", self.V, torch.einsum("bnr,bn->br", self.U, v))
-
-
-_INITIAL_ROWS = 32
-
-
-def _low_rank(A: Tensor, C: Tensor, v: Tensor) -> Tensor:
-    """-v + A^T (C v) per sample for A, C: [B, r, n] (rows), v: [B, n]: two batched matrix products."""
-    if A.shape[1] == 0:
-        return -v
-    return torch.baddbmm(v.unsqueeze(1), torch.bmm(C, v.unsqueeze(2)).transpose(1, 2), A, alpha=1, beta=-1).squeeze(1)
+        """~ (I - J^T)^{-1} v = -H^T v.   v: [B, n]."""
+        return -_low_rank(self.V.mT, self.U.mT, v)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .._checks import check_batch, check_inputs, check_step_output
+from .._checks import check_batch, check_inputs, check_step_output, sum_is_finite
 from ..errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 
 
@@ -143,7 +143,7 @@ class ForwardSolver:
         f = _BatchedStep(step, params, x, z0.shape[1:])
         z = z0.reshape(B, -1)
         fz = f(z, None)
-        self._check_finite(fz, torch.ones(B, dtype=torch.bool, device=z.device), 0)
+        self._check_finite(torch.ones(B, dtype=torch.bool, device=z.device), 0, fz)
         res = (fz - z).norm(dim=1)
         ref = fz.norm(dim=1)
         converged = res <= self.atol + self.tol * ref
@@ -166,7 +166,7 @@ class ForwardSolver:
             else:
                 fz_new = fz.clone()
                 fz_new[idx] = f(proposal[idx], idx)
-            self._check_finite(proposal, active, it, fz_new)
+            self._check_finite(active, it, proposal, fz_new)
             state = self._update(state, z, fz, proposal, fz_new, active)
             a = active.unsqueeze(1)
             z = torch.where(a, proposal, z)
@@ -199,19 +199,17 @@ class ForwardSolver:
         return FixedPoint(best_z.reshape(z0.shape), steps, residuals, converged, torch.stack(rel_trace),
                           self.name, message, f.evaluations, self._info(state))
 
-    def _check_finite(self, t: Tensor, active: Tensor, it: int, other: Tensor | None = None) -> None:
-        sums = t.sum(dim=1) if other is None else t.sum(dim=1) + other.sum(dim=1)
-        if bool((active & ~torch.isfinite(sums)).any()):      # a NaN/Inf, or an overflowing sum: look closer
-            ts = t if other is None else torch.cat([t, other], dim=1)
-            bad = active & ~torch.isfinite(ts).all(dim=1)
-        else:
-            return
-        if bool(bad.any()):
-            samples = bad.nonzero().squeeze(1).tolist()
-            raise NonFiniteError(
-                f"fpgrad.solve(method='{self.name}'): NaN/Inf appeared at iteration {it} in sample(s) "
-                f"{samples[:10]}; the map overflowed: check its inputs and parameters, add damping, "
-                f"or use method='iterate'")
+    def _check_finite(self, active: Tensor, it: int, *tensors: Tensor) -> None:
+        """Raise if an active sample's row of any [B, n] tensor holds NaN/Inf (per-sample sums first)."""
+        if bool(torch.stack([active & ~sum_is_finite(t, dim=1) for t in tensors]).any()):
+            # a NaN/Inf, or a sum that overflowed: look closer
+            bad = active & ~torch.stack([torch.isfinite(t).all(dim=1) for t in tensors]).all(0)
+            if bool(bad.any()):
+                samples = bad.nonzero().squeeze(1).tolist()
+                raise NonFiniteError(
+                    f"fpgrad.solve(method='{self.name}'): NaN/Inf appeared at iteration {it} in sample(s) "
+                    f"{samples[:10]}; the map overflowed: check its inputs and parameters, add damping, "
+                    f"or use method='iterate'")
 
     def _message(self, residuals: Tensor, converged: Tensor, steps: Tensor, relative: Tensor) -> str:
         B = converged.numel()

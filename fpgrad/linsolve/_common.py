@@ -202,6 +202,13 @@ class _Run:
         self.actives.append(active)
         return self._classify(rel, active, converge=False)
 
+    def record_trace(self, rels: Tensor) -> None:
+        """Append several iterations of the whole batch at once (rels: [k, B]) and flag the diverged by the last;
+        the batch-of-one GMRES cycle, which keeps its residuals on the host, records its cycle this way."""
+        self.rows.extend(rels.unbind(0))
+        self.actives.extend(torch.ones_like(rels, dtype=torch.bool).unbind(0))
+        self._classify(rels[-1], torch.ones_like(self.status, dtype=torch.bool), converge=False)
+
     def refresh(self, mask: Tensor, record: bool = False) -> None:
         """Recompute the true residual r = b - (I - M) u of the samples in `mask` (one matvec); flag them."""
         r = self.b - self.A(self.u, mask)

@@ -133,10 +133,7 @@ def _single_cycle(solver: GMRES, run: _Run) -> None:
         if not rel > threshold or not math.isfinite(rel) or rel > growth_limit:
             break
     if rels:
-        rows = torch.tensor(rels, dtype=run.rel.dtype, device=run.rel.device).unsqueeze(1)
-        run.rows.extend(rows.unbind(0))
-        run.actives.extend(torch.ones_like(rows, dtype=torch.bool).unbind(0))
-        run._classify(rows[-1], torch.ones_like(run.running), converge=False)
+        run.record_trace(torch.tensor(rels, dtype=run.rel.dtype, device=run.rel.device).unsqueeze(1))
     k = len(columns)
     if k > 0 and bool(run.running.all()):
         R = np.zeros((k, k))
