@@ -54,7 +54,7 @@ def measure(m, x, z0, loss_fn, Ts: list[int]) -> list[dict]:
     from fpgrad.forward import Iterate
     rows: dict[str, dict] = {}
     for T in Ts:
-        forward = Iterate(tol=0.0, atol=0.0, max_iter=T, warn=False)
+        forward = Iterate.exactly(T)
         for kind, label, est in estimators(T):
             with C.quiet():
                 g = fpgrad.gradient(m, x, loss_fn, estimator=est, z0=z0, forward=forward)

@@ -435,7 +435,7 @@ def slot_setting(cfg: dict, chosen: list[Strategy], seed: int, max_iter: int) ->
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     sa = model.slot_attention
     if cfg["forward"] == "iterate":          # the study's forward: T plain iterations, the adjoint at z_T
-        forward = fpgrad.forward.Iterate(tol=0.0, max_iter=cfg["iters"], warn=False, return_best=False)
+        forward = fpgrad.forward.Iterate.exactly(cfg["iters"])
     else:
         forward = fpgrad.forward.Broyden(tol=cfg["forward_tol"], max_iter=cfg["forward_max_iter"],
                                          memory=cfg["memory"])

@@ -182,7 +182,7 @@ class SlotAutoencoder(nn.Module):
             m = self.slot_attention.as_map()
             with torch.no_grad():
                 z0 = m.init_state(tokens, generator)
-                solver = Iterate(tol=0.0, max_iter=iters, warn=False, return_best=False)
+                solver = Iterate.exactly(iters)
                 fp = solver.solve(m.step, m.params, tokens.detach(), z0)
             record = CostRecord(forward_steps=fp.evaluations, forward=[fp])
             slots = fp.z

@@ -168,7 +168,7 @@ class ImplicitSlotAttention(nn.Module):
 
     def _solver(self, iters: int) -> ForwardSolver:
         if self.tol is None:
-            return Iterate(tol=0.0, max_iter=iters, warn=False, return_best=False)
+            return Iterate.exactly(iters)
         return get_forward(self.forward_method, tol=self.tol, max_iter=iters)
 
     def estimator(self) -> Estimator:

@@ -26,7 +26,7 @@ RECURRENT_WEIGHTS = ("gru.weight_hh", "to_q.weight", "mlp.2.weight")
 
 def exact_iterations(T: int) -> Iterate:
     """A forward pass of exactly T plain iterations returning z_T (no stopping rule, no warning, no 'best')."""
-    return Iterate(tol=0.0, atol=0.0, max_iter=int(T), warn=False, return_best=False)
+    return Iterate.exactly(int(T))
 
 
 def scale_recurrent_weights(m: Map, scale: float, keys: Sequence[str] = RECURRENT_WEIGHTS) -> Map:

@@ -21,7 +21,7 @@ def _taped_steps(step, params, x, z: Tensor, steps: int, damping: float, record:
 
 def _plain_iterations(steps: int, damping: float) -> Iterate:
     """Exactly `steps` plain iterations, returning the last iterate (no stopping, no warning)."""
-    return Iterate(tol=0.0, atol=0.0, max_iter=steps, damping=damping, warn=False, return_best=False)
+    return Iterate.exactly(steps, damping)
 
 
 @dataclass(frozen=True)
