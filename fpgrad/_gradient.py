@@ -11,7 +11,7 @@ from torch import Tensor
 from ._checks import check_inputs
 from .autograd import _default_forward, fixed_point
 from .errors import ShapeError
-from .estimators import CostRecord, Estimator, FiniteDifference, Gradient, Implicit, get_estimator
+from .estimators import CostRecord, Estimator, Gradient, Implicit, get_estimator
 from .forward import ForwardSolver, get_forward, is_batched
 from .maps import Map
 
@@ -53,10 +53,11 @@ def gradient(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
     z* solves z = m.step(m.params, z, x) from z0 (default m.init_state(x, generator), built inside the
     differentiated function so that estimators that reach the initial state, such as Unrolled or the
     straight-through OneStep, give the initialisation parameters their gradient).
-    loss_fn(z) -> scalar. Returns Gradient(params, x, z, loss, cost, ...).
+    loss_fn(z) -> scalar. Returns Gradient(params, x, z, loss, cost, ...). A reference estimator
+    (`estimator.is_reference`, FiniteDifference) computes the whole Gradient itself (`estimator.compute`).
     """
     est = Implicit() if estimator is None else get_estimator(estimator)
-    if isinstance(est, FiniteDifference):
+    if est.is_reference:                 # a reference (FiniteDifference) computes the whole gradient itself
         return est.compute(m, x, loss_fn, z0, generator)
     solver = _default_forward(m.dtype) if forward is None else get_forward(forward)
     params = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in m.params.items()}

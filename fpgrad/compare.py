@@ -85,23 +85,8 @@ def compare_estimators(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
 
 
 def describe(est: Estimator) -> str:
-    """A short readable label: 'Implicit(gmres)', 'Neumann(5)', 'OneStep', ..."""
-    from .estimators import FiniteDifference, Neumann, OneStep, Phantom, Truncated, Unrolled
-    if isinstance(est, Implicit):
-        return f"Implicit({est.solver})" if est.tol is None else f"Implicit({est.solver}, tol={est.tol:g})"
-    if isinstance(est, Neumann):
-        return f"Neumann({est.k})"
-    if isinstance(est, Phantom):
-        return f"Phantom({est.k}, {est.tau:g})"
-    if isinstance(est, OneStep):
-        return "OneStep(ST)" if est.straight_through else "OneStep"
-    if isinstance(est, Truncated):
-        return f"Truncated({est.k})" if est.T is None else f"Truncated({est.k}/{est.T})"
-    if isinstance(est, Unrolled):
-        return f"Unrolled({est.T})"
-    if isinstance(est, FiniteDifference):
-        return "FiniteDifference"
-    return repr(est)
+    """A short readable label: 'Implicit(gmres)', 'Neumann(5)', 'OneStep', ... (the estimator's describe())."""
+    return est.describe()
 
 
 def _adjoint_residual(g: Gradient) -> float:

@@ -10,27 +10,9 @@ from torch import Tensor, nn
 from ._checks import check_inputs
 from .autograd import fixed_point
 from .errors import ShapeError
-from .estimators import CostRecord, Estimator, OneStep, Truncated, get_estimator
+from .estimators import CostRecord, Estimator, get_estimator
 from .forward import ForwardSolver, Iterate, get_forward
 from .maps import Map, init_slot_attention_params, sample_slots, slot_attention, slot_attention_step
-
-
-def _taped_steps_after_solve(est: Estimator) -> int:
-    if isinstance(est, OneStep):
-        return 1
-    if isinstance(est, Truncated) and est.T is None:
-        return est.k
-    return 0
-
-
-def _reaches_initial_slots(est: Estimator) -> bool:
-    """Whether backward reaches the initial slots: all estimators but those that detach them, one-step without
-    straight-through and truncated after a solve (the adjoint ones give them an exact zero)."""
-    if isinstance(est, OneStep):
-        return est.straight_through
-    if isinstance(est, Truncated):
-        return est.T is not None and est.T == est.k
-    return True
 
 
 def _inside_torch_func_transform() -> bool:
@@ -183,7 +165,7 @@ class ImplicitSlotAttention(nn.Module):
         est = get_estimator(self.backward_spec, iters=self.iters)
         if est.adjoint:
             return []
-        if slots_given or not _reaches_initial_slots(est):
+        if slots_given or not est.reaches_initial_state:
             return ["slots_mu", "slots_log_sigma"]
         return []
 
@@ -221,7 +203,7 @@ class ImplicitSlotAttention(nn.Module):
         # estimators apply their last 1 / k steps on the tape, so the untaped solve runs that many fewer
         solve_iters = iters
         if self.tol is None:
-            solve_iters = max(iters - _taped_steps_after_solve(est), 0)
+            solve_iters = max(iters - est.taped_steps_after_solve, 0)
         # under torch.compile the solver loop runs eagerly, outside the graph (see the class docstring)
         z = fixed_point(self._step, params, inputs, z0, forward=self._solver(solve_iters), backward=est,
                         record=record, batched=True, check=False)

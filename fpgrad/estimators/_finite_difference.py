@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceError
+from ..forward import get_forward, is_batched
 from ._base import Cost, Estimator, Gradient
 
 
@@ -20,6 +21,7 @@ class FiniteDifference(Estimator):
     Each z* is solved to `tol` (warm-started from the unperturbed z*); a solve that does not converge
     raises, since a reference must be right. h = eps * max(1, |theta_i|). Cost: two solves per entry,
     so use it on small problems; `keys` restricts it to some parameters, `wrt_x=False` skips x.
+    A reference (`is_reference`): fpgrad.gradient calls `compute`; it has no backward pass (`apply` raises).
     """
 
     eps: float = 1e-6
@@ -30,10 +32,22 @@ class FiniteDifference(Estimator):
     wrt_x: bool = True
 
     name = "finite_difference"
+    is_reference = True
+
+    def apply(self, step, params, x, z0, forward, record):
+        raise ValueError("fixed_point: FiniteDifference is a reference for fpgrad.gradient, not a backward pass; "
+                         "use Implicit(solver='dense') for an exact backward")
+
+    @property
+    def uses_forward(self) -> bool:
+        return False                     # its own float64 solver (`method`, `tol`), never the caller's
+
+    def describe(self) -> str:
+        return "FiniteDifference"
 
     def compute(self, m, x: Tensor, loss_fn: Callable[[Tensor], Tensor], z0: Tensor | None = None,
                 generator: torch.Generator | None = None) -> Gradient:
-        from ..forward import get_forward, is_batched
+        """The float64 central-difference Gradient of loss_fn(z*) for m.params and x (z0 as in fpgrad.gradient)."""
         t0 = time.perf_counter()
         dtype = m.dtype
         params = {k: v.detach().to(torch.float64) for k, v in m.params.items()}

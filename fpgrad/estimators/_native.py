@@ -1,4 +1,8 @@
-"""Estimators differentiated by the autograd tape: unrolled, truncated and one-step backprop."""
+"""Estimators differentiated by the autograd tape: unrolled, truncated and one-step backprop.
+
+Each implements `apply` (the one entry point of fpgrad.estimators.Estimator) itself and answers the properties
+callers ask (taped steps after the solve, whether the initial state gets a gradient, ...).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..forward import Iterate
+from ..forward import Iterate, solve_detached
 from ._base import CostRecord, Estimator
 
 
@@ -19,17 +23,12 @@ def _taped_steps(step, params, x, z: Tensor, steps: int, damping: float, record:
     return z
 
 
-def _plain_iterations(steps: int, damping: float) -> Iterate:
-    """Exactly `steps` plain iterations, returning the last iterate (no stopping, no warning)."""
-    return Iterate.exactly(steps, damping)
-
-
 @dataclass(frozen=True)
 class Unrolled(Estimator):
     """Backprop through T plain iterations from z0: the usual way slot attention is trained.
 
-    The state is z_T (not the forward solver's z*); memory and time grow with T; the gradient also
-    reaches z0 (and the slot initialisation). damping d: z <- d z + (1 - d) f(z).
+    The state is z_T (not the forward solver's z*, which it does not use); memory and time grow with T; the
+    gradient also reaches z0 (and the slot initialisation). damping d: z <- d z + (1 - d) f(z).
     """
 
     T: int = 50
@@ -37,8 +36,19 @@ class Unrolled(Estimator):
 
     name = "unrolled"
 
-    def differentiate(self, step, params, x, z0, forward, record):
+    def apply(self, step, params, x, z0, forward, record):
         return _taped_steps(step, params, x, z0, self.T, self.damping, record)
+
+    @property
+    def runs_solver_loop(self) -> bool:
+        return False
+
+    @property
+    def uses_forward(self) -> bool:
+        return False
+
+    def describe(self) -> str:
+        return f"Unrolled({self.T})"
 
 
 @dataclass(frozen=True)
@@ -59,15 +69,33 @@ class Truncated(Estimator):
         if self.k < 1 or (self.T is not None and self.T < self.k):
             raise ValueError(f"Truncated: need 1 <= k <= T, got k={self.k}, T={self.T}")
 
-    def differentiate(self, step, params, x, z0, forward, record):
-        from ..autograd import solve_detached
+    def apply(self, step, params, x, z0, forward, record):
         if self.T is None:
             z = solve_detached(step, params, x, z0, forward, record)
         elif self.T > self.k:
-            z = solve_detached(step, params, x, z0, _plain_iterations(self.T - self.k, self.damping), record)
+            z = solve_detached(step, params, x, z0, Iterate.exactly(self.T - self.k, self.damping), record)
         else:
             z = z0
         return _taped_steps(step, params, x, z, self.k, self.damping, record)
+
+    @property
+    def taped_steps_after_solve(self) -> int:
+        return self.k if self.T is None else 0
+
+    @property
+    def reaches_initial_state(self) -> bool:
+        return self.T == self.k          # all T steps on the tape (= Unrolled(T)); otherwise z0 is detached
+
+    @property
+    def runs_solver_loop(self) -> bool:
+        return self.T != self.k
+
+    @property
+    def uses_forward(self) -> bool:
+        return self.T is None
+
+    def describe(self) -> str:
+        return f"Truncated({self.k})" if self.T is None else f"Truncated({self.k}/{self.T})"
 
 
 @dataclass(frozen=True)
@@ -85,9 +113,19 @@ class OneStep(Estimator):
 
     name = "one_step"
 
-    def differentiate(self, step, params, x, z0, forward, record):
-        from ..autograd import solve_detached
+    def apply(self, step, params, x, z0, forward, record):
         z = solve_detached(step, params, x, z0, forward, record)
         if self.straight_through:
             z = z + z0 - z0.detach()
         return _taped_steps(step, params, x, z, 1, 0.0, record)
+
+    @property
+    def taped_steps_after_solve(self) -> int:
+        return 1
+
+    @property
+    def reaches_initial_state(self) -> bool:
+        return self.straight_through
+
+    def describe(self) -> str:
+        return "OneStep(ST)" if self.straight_through else "OneStep"

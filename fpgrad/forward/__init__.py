@@ -1,4 +1,5 @@
-"""Forward solvers of z = f(z): plain iteration, Anderson acceleration, Broyden's method."""
+"""Forward solvers of z = f(z): plain iteration, Anderson acceleration, Broyden's method; `solve_detached`, the
+solve as a constant of the autograd graph (vmap-safe), which the estimators build on."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..maps import Map
 from ._anderson import Anderson
 from ._broyden import Broyden, LowRankInverse
 from ._common import FixedPoint, ForwardSolver, contraction_estimate
+from ._detached import solve_detached
 from ._iterate import Iterate
 
 FORWARD_SOLVERS = {"iterate": Iterate, "anderson": Anderson, "broyden": Broyden}
@@ -72,4 +74,5 @@ __all__ = [
     "get_forward",
     "is_batched",
     "solve",
+    "solve_detached",
 ]
