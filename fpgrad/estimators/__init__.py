@@ -2,6 +2,8 @@
 
 Unrolled(T), Truncated(k, T), OneStep(straight_through), Neumann(k), Phantom(k, tau),
 Implicit(solver, tol), FiniteDifference(): swap them by object, or by name with `get_estimator`.
+Every one has the one entry point `apply(step, params, x, z0, forward, record) -> state` (Estimator); a new
+estimator subclasses Estimator and implements `adjoint_vector(lin, g, record)` (the adjoint kind) or `apply`.
 """
 
 from __future__ import annotations
