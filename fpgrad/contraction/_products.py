@@ -83,15 +83,40 @@ class Linearised:
     def vjp(self, u: Tensor) -> Tensor:
         """J^T u for u [B, n] -> [B, n] (reverse mode; on the tape this is a double backward)."""
         add_products(self.counter, vjps=1)
+        u = u.reshape(self.z.shape).to(self.z.dtype)
         if self._vjp_fn is None:
-            with torch.enable_grad():
-                _, self._vjp_fn = torch.func.vjp(self._f, self.z)
-        return self._vjp_fn(u.reshape(self.z.shape).to(self.z.dtype))[0].reshape(self.batch, self.n)
+            if _plain_autograd(self.z, self.x, self.params):
+                # outside torch.func transforms: one taped step and autograd.grad (as TorchDEQ's jac_reg), which
+                # costs less than torch.func.vjp's wrappers
+                with torch.enable_grad():
+                    z_leaf = self.z.detach().requires_grad_(True)
+                    fz = self._f(z_leaf)
+                taped = fz.requires_grad and any(p.requires_grad for p in self.params.values()) \
+                    or (self.x is not None and self.x.requires_grad)
+
+                def fn(v):
+                    with torch.enable_grad():
+                        return (torch.autograd.grad(fz, z_leaf, v, retain_graph=True, create_graph=taped)[0],)
+                self._vjp_fn = fn
+            else:
+                with torch.enable_grad():
+                    _, self._vjp_fn = torch.func.vjp(self._f, self.z)
+        return self._vjp_fn(u)[0].reshape(self.batch, self.n)
 
     def apply(self, V: Tensor, transpose: bool = False) -> Tensor:
         """J V (or J^T V) for a block V [B, n, p] -> [B, n, p] (p products)."""
         fn = self.vjp if transpose else self.jvp
         return torch.stack([fn(V[..., j]) for j in range(V.shape[-1])], dim=-1)
+
+
+def _plain_autograd(*tensors_or_dicts) -> bool:
+    """Whether no argument is a torch.func-wrapped tensor (no vmap / grad transform around this call)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for t in tensors_or_dicts:
+        items = t.values() if isinstance(t, Mapping) else [t]
+        if any(isinstance(v, Tensor) and wrapped(v) for v in items):
+            return False
+    return True
 
 
 def unit_columns(V: Tensor) -> Tensor:
