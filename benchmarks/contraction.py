@@ -124,6 +124,7 @@ def spectral_section(args, quick: bool):
     params = {k: v.detach().clone().requires_grad_(True) for k, v in m.params.items()}
     opt = torch.optim.Adam(params.values(), lr=1e-2)
     state = SpectralState(generator=torch.Generator().manual_seed(args.seed))
+    norm_state = SpectralState(generator=torch.Generator().manual_seed(args.seed + 1))   # measured only
     rows = []
     z0 = torch.zeros(B, n, dtype=C.DTYPE)
     for i in range(steps):
@@ -134,15 +135,22 @@ def spectral_section(args, quick: bool):
         loss = (z - t).pow(2).mean() + 1.0 * penalty
         opt.zero_grad()
         loss.backward()
-        rho = dense_radius(m.step, {k: v.detach() for k, v in params.items()}, z, x)
+        frozen = {k: v.detach() for k, v in params.items()}
+        rho = dense_radius(m.step, frozen, z, x)
+        sigma = dense_radius(m.step, frozen, z, x, kind="norm")
+        with torch.no_grad():
+            spectral_penalty(m.step, frozen, z, x, state=norm_state, kind="norm", iters=2)
         est = state.last
         rows.append({"step": i, "estimate_max": float(est.max()), "dense_max": float(rho.max()),
                      "max_rel_error": float(((est - rho).abs() / rho).max()),
                      "max_residual": float(state.residual.max()),
-                     "products": count.vjps + count.jvps})
+                     "products": count.vjps + count.jvps,
+                     "norm_max_rel_error": float(((norm_state.last - sigma).abs() / sigma).max()),
+                     "rho_over_norm": float((rho / sigma).min())})
         opt.step()
     return {"n": n, "batch": B, "steps": steps, "rows": rows,
             "median_rel_error_after_first": statistics.median(r["max_rel_error"] for r in rows[1:]),
+            "norm_median_rel_error_after_first": statistics.median(r["norm_max_rel_error"] for r in rows[1:]),
             "products_per_warm_step": rows[-1]["products"], "products_cold_first_step": rows[0]["products"]}
 
 
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     C.table(trows, ["method", "what", "seconds", "vs task only", "vs jac_reg"],
             "Training step: task + penalty (1 probe), backward; 'full step' includes the forward solve. Median")
     C.table([{k: C.fmt(v) for k, v in r.items()} for r in spec["rows"]],
-            ["step", "estimate_max", "dense_max", "max_rel_error", "max_residual", "products"],
+            ["step", "estimate_max", "dense_max", "max_rel_error", "max_residual", "products", "norm_max_rel_error"],
             f"Spectral penalty estimate along Adam training (tanh n={spec['n']}, 2 warm power steps)")
     C.table([{k: C.fmt(v) for k, v in mon.items() if k != "last_row"}],
             ["n", "batch", "every", "step_seconds", "monitor_seconds", "fraction_per_check",
@@ -232,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                             max(abs(r["z_score"]) for r in frob["rows"]), "|z| < 4"))
     targets.append(C.target("Spectral estimate (2 warm steps) vs dense rho, median over steps",
                             spec["median_rel_error_after_first"] < 1e-2, spec["median_rel_error_after_first"],
-                            "< 1e-2 relative", f"{spec['products_per_warm_step']} products a step"))
+                            "< 1e-2 relative", f"{spec['products_per_warm_step']} products a step; ||J||_2 by 2 warm "
+                            f"power steps (6 products): median {spec['norm_median_rel_error_after_first']:.2g}"))
     # (this threshold is the benchmark's own choice; the issue asks for the fraction to be measured)
     targets.append(C.target("Monitor cost at its default period", mon["fraction_at_default_period"] <= 0.1,
                             round(mon["fraction_at_default_period"], 4), "<= 0.1 of training time",

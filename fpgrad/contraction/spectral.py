@@ -5,7 +5,9 @@ converged vectors, so its derivative w.r.t. params is the eigenvalue's (or singu
     radius: subspace iteration with 2 columns on J (V) and on J^T (U), so that a complex-conjugate dominant
         pair is held; the dominant Ritz pair's right vector v = V y and left vector u = U w (detached, complex
         for a pair) give the two-sided Rayleigh quotient lambda = u^H J v / u^H v with J V on the tape;
-        rho = |lambda|, and d lambda = u^H dJ v / u^H v, the derivative of a simple eigenvalue.
+        rho = |lambda|, and d lambda = u^H dJ v / u^H v, the derivative of a simple eigenvalue. Where the Ritz
+        residual is above 1e-2 (unconverged), the one-sided Ritz value on span V is used instead (it cannot
+        exceed ||J||; the two-sided quotient can be far off there).
     norm: sigma = ||J v|| for v from power iteration on J^T J;  d sigma = u^T dJ v,  u = J v / sigma.
 """
 
@@ -21,6 +23,7 @@ from ..errors import ShapeError
 from ._products import Linearised, ProductCount, add_products, infer_batched, small_dtype, unit_columns
 
 KINDS = ("radius", "norm")
+TWO_SIDED_RESIDUAL = 1e-2      # relative Ritz residual under which the two-sided quotient is used (see below)
 FORMS = ("jvp", "vjp")
 
 
@@ -87,10 +90,11 @@ def _ritz(basis: Tensor, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return theta, Y, res
 
 
-def _dominant_pair(V: Tensor, JV: Tensor, U: Tensor, JTU: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The dominant eigenvalue's right and left Ritz vectors (coefficients y, w [B, 2] complex, on V and U)
-    and its relative residual [B], all detached. The right pair maximises |theta| - residual (a Ritz value
-    still far from converged has a large residual); the left pair is the left Ritz value nearest to it."""
+def _dominant_pair(V: Tensor, JV: Tensor, U: Tensor, JTU: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The dominant eigenvalue's right and left Ritz vectors (coefficients y, w [B, 2] complex, on V and U),
+    its relative residual [B], and which root of each 2x2 Ritz matrix it is (signs [B] for `_root_modulus`:
+    right on V, left on U), all detached. The right pair maximises |theta| - residual (a Ritz value still far
+    from converged has a large residual); the left pair is the left Ritz value nearest to it."""
     theta, Y, res = _ritz(V, JV)
     idx = (theta.abs() - res).argmax(dim=1)
     chosen = theta.gather(1, idx[:, None])
@@ -99,7 +103,22 @@ def _dominant_pair(V: Tensor, JV: Tensor, U: Tensor, JTU: Tensor) -> tuple[Tenso
     jdx = (phi - chosen).abs().argmin(dim=1)
     w = Wl.gather(2, jdx[:, None, None].expand(-1, 2, 1))[..., 0]
     rel = res.gather(1, idx[:, None])[:, 0] / chosen[:, 0].abs().clamp_min(torch.finfo(V.dtype).tiny)
-    return y, w, rel
+
+    def sign(vals, i):
+        mine, other = vals.gather(1, i[:, None])[:, 0], vals.gather(1, (1 - i)[:, None])[:, 0]
+        return torch.where(mine.real >= other.real, 1.0, -1.0).to(V.dtype)
+    return y, w, rel, sign(theta, idx), sign(phi, jdx)
+
+
+def _root_modulus(H: Tensor, sign: Tensor) -> Tensor:
+    """|eigenvalue| of real 2x2 blocks H [B, 2, 2], differentiable without complex arithmetic: for a real pair
+    the root (tr + sign sqrt(disc)) / 2, for a complex pair sqrt(det)."""
+    tr = H[:, 0, 0] + H[:, 1, 1]
+    det = H[:, 0, 0] * H[:, 1, 1] - H[:, 0, 1] * H[:, 1, 0]
+    disc = tr * tr - 4.0 * det
+    tiny = torch.finfo(H.dtype).tiny
+    real = (0.5 * (tr + sign * disc.clamp_min(tiny).sqrt())).abs()
+    return torch.where(disc >= 0, real, det.clamp_min(tiny).sqrt())
 
 
 def spectral_estimate(step: Callable, params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, *,
@@ -157,7 +176,7 @@ def spectral_estimate(step: Callable, params: Mapping[str, Tensor], z: Tensor, x
             for _ in range(max(int(iters), 1) - 1):
                 V, U = unit_columns(JV), unit_columns(JTU)
                 JV, JTU = frozen.apply(V), frozen.apply(U, transpose=True)
-            y, w, resid = _dominant_pair(V.to(wdt), JV.to(wdt), U.to(wdt), JTU.to(wdt))
+            y, w, resid, sign_right, sign_left = _dominant_pair(V.to(wdt), JV.to(wdt), U.to(wdt), JTU.to(wdt))
             nxt_right, nxt_left = unit_columns(JV), unit_columns(JTU)
         else:
             # jvp form: right singular vector v (J^T J v); vjp form: left u (J J^T u)
@@ -171,15 +190,25 @@ def spectral_estimate(step: Callable, params: Mapping[str, Tensor], z: Tensor, x
         # two-sided Rayleigh quotient lambda = u^H J v / u^H v, u = U w, v = V y, with J V (or J^T U) on the tape
         cdt = y.dtype
         if form == "jvp":
-            C = (U.mT @ lin.apply(V)).to(wdt)                              # U^T J V, on the tape
+            JVt = lin.apply(V)                                            # on the tape
+            C = (U.mT @ JVt).to(wdt)                                      # U^T J V
+            one_sided = _root_modulus((V.mT @ JVt).to(wdt), sign_right)   # Ritz value of J on span V
         else:
-            C = (lin.apply(U, transpose=True).mT @ V).to(wdt)             # (J^T U)^T V = U^T J V, on the tape
+            JTUt = lin.apply(U, transpose=True)                           # on the tape
+            C = (JTUt.mT @ V).to(wdt)                                     # (J^T U)^T V = U^T J V
+            one_sided = _root_modulus((U.mT @ JTUt).to(wdt), sign_left)   # Ritz value of J^T on span U
         M = (U.mT @ V).to(wdt)
         # x = U w is J^T's eigenvector for lambda, so u = conj(x) and u^H = w^T U^T (phases cancel in the ratio)
         wh = w[:, None, :]
         num = (wh @ (C.to(cdt) @ y[:, :, None]))[:, 0, 0]
         den = (wh @ (M.to(cdt) @ y[:, :, None]))[:, 0, 0]
-        value = (num / den).abs()
+        cos = den.detach().abs() / ((V.to(cdt) @ y[:, :, None]).norm(dim=(1, 2))
+                                    * (U.to(cdt) @ w[:, :, None]).norm(dim=(1, 2)))
+        two_sided = (num / torch.where(den.abs() > 0, den, torch.ones_like(den))).abs()
+        # unconverged vectors make the two-sided quotient unreliable (1 / cos(u, v) amplifies their errors, and it
+        # can be far above rho): there the one-sided Ritz value (in J's field of values, <= ||J||) is used
+        trusted = (resid <= TWO_SIDED_RESIDUAL) & (cos.detach() > 1e-3)
+        value = torch.where(trusted, two_sided, one_sided)
     else:
         v = V[..., 0]
         if form == "jvp":
