@@ -414,3 +414,37 @@ def test_fixed_point_correction_rejects_bad_iterations(tanh_map):
         fixed_point_correction(m.step, m.params, x, z0, [4, 2], lambda z: z.sum())
     with pytest.raises(ValueError, match="grad_steps"):
         fixed_point_correction(m.step, m.params, x, z0, [1, 2], lambda z: z.sum(), grad_steps=2)
+
+
+# ---- precision and devices ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["jvp", "vjp"])
+def test_penalties_run_under_bfloat16_autocast_close_to_float32(form):
+    m = fpgrad.maps.tanh_rnn(16, 0.9, seed=0, dtype=torch.float32)
+    params = {k: v.clone().requires_grad_(True) for k, v in m.params.items()}
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    z = fpgrad.solve(m, x).z
+    V = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1))
+    ref = float(frobenius_penalty(m.step, params, z, x, vectors=V, form=form))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = frobenius_penalty(m.step, params, z, x, vectors=V, form=form)
+        grad = torch.autograd.grad(value, params["W"])[0]
+        spectral = spectral_penalty(m.step, params, z, x, target=0.0, form=form,
+                                    generator=torch.Generator().manual_seed(0))
+    assert abs(float(value) - ref) <= 0.03 * ref
+    assert bool(torch.isfinite(grad).all()) and bool(torch.isfinite(spectral))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_penalties_on_cuda_match_cpu():
+    m, x, z = tanh_with_spectrum(eigs=[0.8, -0.55], n=7, seed=0)
+    V = draw_probes((2, 3, 7), torch.Generator().manual_seed(0), torch.float64, "cpu")
+    cuda = {k: v.cuda() for k, v in m.params.items()}
+    for form in ("vjp", "jvp"):
+        a = frobenius_penalty(m.step, m.params, z, x, vectors=V, form=form)
+        b = frobenius_penalty(m.step, cuda, z.cuda(), x.cuda(), vectors=V.cuda(), form=form)
+        assert b.device.type == "cuda" and abs(float(a) - float(b.cpu())) <= 1e-10 * abs(float(a))
+    rho = spectral_estimate(m.step, cuda, z.cuda(), x.cuda(), iters=150,
+                            generator=torch.Generator(device="cuda").manual_seed(0)).value
+    assert torch.allclose(rho.cpu(), dense_radius(m.step, m.params, z, x), rtol=1e-7)
