@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from ._io import atomic_write_text
 from .forward import Iterate
 from .maps import Map
-from .report import atomic_write_text
 
 # the weights through which slot attention's next state depends on its current one
 RECURRENT_WEIGHTS = ("gru.weight_hh", "to_q.weight", "mlp.2.weight")
