@@ -1,5 +1,7 @@
-"""What every benchmark shares: the run's record (machine, versions, seeds, threads, load), timing, counting
-products with the Jacobian, the tanh maps tuned to a spectral radius, tables and atomic JSON.
+"""What every benchmark shares: the run's record (machine, versions, seeds, threads, load), timing, the tanh
+maps tuned to a spectral radius, and tables. The Jacobian at z* (counted products), the relative error and the
+cosine, the CostRecord counters and the atomic JSON writer are the library's (fpgrad.jacobian, fpgrad.compare,
+fpgrad.estimators, fpgrad._io).
 
 Numbers flow one way: a benchmark computes its rows and its targets, `save` writes them to
 `reports/benchmarks/NAME.json`, and `benchmarks.targets` turns the JSON files into the README.
@@ -25,6 +27,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from fpgrad._io import atomic_write_text, write_json
+from fpgrad.jacobian import Jacobian
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "reports" / "benchmarks"
@@ -107,7 +112,6 @@ class Run:
 
     def save(self, results: Mapping[str, Any], targets: Sequence[Mapping[str, Any]] = ()) -> Path:
         """Write reports/benchmarks/NAME.json atomically: run record + results + targets."""
-        from fpgrad.report import atomic_write_text
         self.info["load_average_end"] = load_average()
         payload = {
             "benchmark": self.name,
@@ -123,7 +127,7 @@ class Run:
             "results": results,
         }
         out = Path(self.args.out) if self.args.out else REPORTS / f"{self.name}.json"
-        atomic_write_text(out, json.dumps(jsonable(payload), indent=1) + "\n")
+        write_json(out, payload)
         print(f"wrote {out} ({payload['seconds']} s, load average {self.info['load_average_start']} -> "
               f"{self.info['load_average_end']})")
         return out
@@ -146,29 +150,6 @@ def repeats(args: argparse.Namespace, full: int = 5, quick: int = 3) -> int:
 
 
 # ---- JSON -----------------------------------------------------------------------------------------------
-
-def jsonable(obj: Any) -> Any:
-    """Tensors, numpy values and dataclasses as plain JSON; NaN / Inf as the strings 'nan' / 'inf' / '-inf'."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return jsonable(obj.detach().cpu().tolist() if obj.numel() != 1 else obj.detach().cpu().item())
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "shape", None) == ():
-        return jsonable(obj.item())
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return "nan"
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    if isinstance(obj, complex):
-        return {"real": jsonable(obj.real), "imag": jsonable(obj.imag)}
-    return str(obj)
-
 
 def load(name: str, out_dir: Path = REPORTS) -> dict[str, Any] | None:
     path = out_dir / f"{name}.json"
@@ -222,61 +203,6 @@ def quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-# ---- counting products with J ------------------------------------------------------------------------------
-
-@dataclass
-class Counter:
-    """Products with the Jacobian: vjps (J^T v), jvps (J v, or a double-backward through a VJP)."""
-
-    vjps: int = 0
-    jvps: int = 0
-
-    def reset(self) -> None:
-        self.vjps = self.jvps = 0
-
-
-def _grad_tracked(t: Tensor) -> bool:
-    """t is being differentiated by a torch.func transform (not merely vmapped)."""
-    return bool(torch._C._functorch.is_gradtrackingtensor(t))
-
-
-class Jacobian:
-    """J = d step(params, z, x) / dz at z* for one map, with counted products on flat [B, n] vectors.
-
-    vjp(v) = J^T v, one linearisation (torch.func.vjp) shared by every solver; jvp(v) = J v
-    (torch.func.jvp, as fpgrad's Linearisation.J does). A VJP called on a functorch-wrapped input (inside
-    torch.func.vjp, as TorchOpt's normal CG does to get A^T from A) will be differentiated once more: that
-    transposed product is counted as a JVP.
-    """
-
-    def __init__(self, step: Callable, params: Mapping[str, Tensor], x: Tensor, z: Tensor):
-        self.step, self.params, self.x, self.z = step, dict(params), x, z.detach()
-        self.shape = z.shape
-        self.count = Counter()
-        with torch.enable_grad():
-            _, self._vjp = torch.func.vjp(lambda zz: step(self.params, zz, x), self.z)
-
-    def vjp(self, v: Tensor) -> Tensor:
-        self.count.vjps += 1
-        if _grad_tracked(v):
-            self.count.jvps += 1
-        return self._vjp(v.reshape(self.shape))[0].reshape(v.shape)
-
-    def jvp(self, v: Tensor) -> Tensor:
-        self.count.jvps += 1
-        _, out = torch.func.jvp(lambda zz: self.step(self.params, zz, self.x), (self.z,), (v.reshape(self.shape),))
-        return out.reshape(v.shape)
-
-    def dense(self) -> Tensor:
-        """J per sample as [B, n, n] (torch.func.jacrev of the step; not counted)."""
-        B = self.shape[0]
-        zf = self.z.reshape(B, -1)
-
-        def f_one(zi: Tensor, xi: Tensor) -> Tensor:
-            return self.step(self.params, zi.reshape(1, *self.shape[1:]), xi.unsqueeze(0)).reshape(-1)
-        return torch.func.vmap(torch.func.jacrev(f_one))(zf, self.x)
 
 
 # ---- maps -----------------------------------------------------------------------------------------------
@@ -383,7 +309,6 @@ def _tuned(base, x, cache, rho, n, seed, input_seed, key, from_cache: bool) -> T
     params = dict(base.params)
     params["W"] = base.params["W"] * best
     if not from_cache and WRITE_CACHE["on"]:
-        from fpgrad.report import atomic_write_text
         stored = json.loads(RADIUS_CACHE.read_text()) if RADIUS_CACHE.exists() else {}
         stored[key] = best
         atomic_write_text(RADIUS_CACHE, json.dumps(stored, indent=1, sort_keys=True) + "\n")
@@ -407,8 +332,7 @@ def slot_attention_map(dim: int = 64, num_slots: int = 5, inputs: int = 64, batc
             sol = fpgrad.solve(m, x, z0=z0, method="anderson", tol=1e-13, max_iter=5000, memory=10)
         if not bool(sol.converged.all()):
             continue
-        jac = Jacobian(m.step, m.params, x, sol.z)
-        rho = float(torch.linalg.eigvals(jac.dense()).abs().amax())
+        rho = float(torch.linalg.eigvals(Jacobian(m.step, m.params, x, sol.z).dense()).abs().amax())
         last = TunedMap(f"slot attention d={dim} K={num_slots} N={inputs}", m.step, dict(m.params), x, sol.z, rho,
                         {"dim": dim, "num_slots": num_slots, "inputs": inputs, "batch": batch, "seed": s,
                          "z0": z0})
@@ -430,17 +354,6 @@ def have(module: str) -> bool:
     except Exception:   # noqa: BLE001 - a broken install counts as missing
         return False
     return True
-
-
-def rel_error(a: Tensor, b: Tensor) -> float:
-    """||a - b|| / ||b|| in float64 (NaN / Inf propagate as such)."""
-    a, b = a.detach().to(torch.float64).reshape(-1), b.detach().to(torch.float64).reshape(-1)
-    return float((a - b).norm() / b.norm())
-
-
-def cosine(a: Tensor, b: Tensor) -> float:
-    a, b = a.detach().to(torch.float64).reshape(-1), b.detach().to(torch.float64).reshape(-1)
-    return float(a @ b / (a.norm() * b.norm()))
 
 
 def fmt(value: Any, digits: int = 3) -> str:

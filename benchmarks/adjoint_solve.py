@@ -26,6 +26,9 @@ import torch
 from torch import Tensor
 
 from benchmarks import _common as C
+from fpgrad.compare import cosine, relative_error
+from fpgrad.estimators import CostRecord
+from fpgrad.jacobian import Jacobian
 
 TARGETS = (1e-4, 1e-6)
 
@@ -36,7 +39,7 @@ class Solver:
 
     name: str
     library: str
-    run: Callable[[C.Jacobian, Tensor, int], Tensor]
+    run: Callable[[Jacobian, Tensor, int], Tensor]
     budget_fixed: bool = False        # no iteration budget (dense)
     cap: int = 20000                  # give up beyond this budget
     exact: bool = True                # meant to solve the system (solve_cg is here to show it does not)
@@ -49,7 +52,7 @@ class Solver:
 def _fpgrad(name: str, **options) -> Callable:
     from fpgrad.linsolve import get_solver
 
-    def run(jac: C.Jacobian, g: Tensor, budget: int) -> Tensor:
+    def run(jac: Jacobian, g: Tensor, budget: int) -> Tensor:
         opts = dict(options)
         if name == "gmres" and opts.get("restart") == "budget":
             opts["restart"] = budget
@@ -57,9 +60,9 @@ def _fpgrad(name: str, **options) -> Callable:
             opts.update(tol=0.0, max_iter=budget)
         solver = get_solver(name, **opts)
         with C.quiet():
-            sol = solver.solve(jac.vjp, g, MT=jac.jvp if name == "cg_normal" else None, throw=False)
+            sol = solver.solve(jac.JT, g, MT=jac.J if name == "cg_normal" else None, throw=False)
         if name == "dense":          # its columns are vmapped calls: count them as the solver does
-            jac.count.vjps = sol.matvecs
+            jac.record.vjps = sol.matvecs
         return sol.u
     return run
 
@@ -67,22 +70,30 @@ def _fpgrad(name: str, **options) -> Callable:
 # ---- TorchDEQ: its backward iterates u = J^T u + g with a fixed-point solver ---------------------------------
 
 def _torchdeq(name: str) -> Callable:
-    def run(jac: C.Jacobian, g: Tensor, budget: int) -> Tensor:
+    def run(jac: Jacobian, g: Tensor, budget: int) -> Tensor:
         from torchdeq.solver import get_solver
         solver = get_solver(name)
-        u, _, _ = solver(lambda y: jac.vjp(y) + g, torch.zeros_like(g), max_iter=budget, tol=0.0, stop_mode="rel")
+        u, _, _ = solver(lambda y: jac.JT(y) + g, torch.zeros_like(g), max_iter=budget, tol=0.0, stop_mode="rel")
         return u
     return run
 
 
 # ---- TorchOpt: A^T u = b with A^T u = u - J^T u ------------------------------------------------------------
 
+def _being_differentiated(t: Tensor) -> bool:
+    """t is being differentiated by a torch.func transform (not merely vmapped): a J^T product applied to it
+    will be transposed once more (TorchOpt's normal CG calls torch.func.vjp on the matvec), a J product."""
+    return bool(torch._C._functorch.is_gradtrackingtensor(t))
+
+
 def _torchopt(name: str) -> Callable:
-    def run(jac: C.Jacobian, g: Tensor, budget: int) -> Tensor:
+    def run(jac: Jacobian, g: Tensor, budget: int) -> Tensor:
         from torchopt import linear_solve
 
         def matvec(u: Tensor) -> Tensor:
-            return u - jac.vjp(u)
+            if _being_differentiated(u):    # TorchOpt's normal CG gets A^T by differentiating this: one more product
+                jac.record.jvps += 1
+            return u - jac.JT(u)
         if name == "solve_inv_ns":
             solve = linear_solve.solve_inv(ns=True, maxiter=budget)
         elif name == "solve_normal_cg":
@@ -95,13 +106,13 @@ def _torchopt(name: str) -> Callable:
 
 # ---- scipy ----------------------------------------------------------------------------------------------------
 
-def _scipy_gmres(jac: C.Jacobian, g: Tensor, budget: int) -> Tensor:
+def _scipy_gmres(jac: Jacobian, g: Tensor, budget: int) -> Tensor:
     import scipy.sparse.linalg as sl
     n = g.numel()
 
     def matvec(v: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).reshape(g.shape)
-        return (t - jac.vjp(t)).reshape(-1).numpy()
+        return (t - jac.JT(t)).reshape(-1).numpy()
     op = sl.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
     u, _ = sl.gmres(op, g.reshape(-1).numpy(), rtol=0.0, atol=0.0, restart=budget, maxiter=1)
     return torch.from_numpy(u).reshape(g.shape)
@@ -115,7 +126,7 @@ def solvers(restart: int) -> list[Solver]:
         Solver("gmres (restart 30, default)", "fpgrad", _fpgrad("gmres"), cap=6000),
         Solver("bicgstab", "fpgrad", _fpgrad("bicgstab"), cap=4000, note="2 VJPs per iteration"),
         Solver("cg_normal", "fpgrad", _fpgrad("cg_normal"), cap=4096, coarse=5.0,
-               note="1 VJP + 1 JVP (torch.func.jvp, as fpgrad's Linearisation.J) per iteration"),
+               note="1 VJP + 1 JVP (a backward through the stored VJP, as Implicit(solver='cg_normal')) per iteration"),
         Solver("neumann", "fpgrad", _fpgrad("neumann"), cap=20000),
         Solver("dense", "fpgrad", _fpgrad("dense"), budget_fixed=True, note="n VJPs (vmapped) + LU"),
     ]
@@ -135,17 +146,17 @@ def solvers(restart: int) -> list[Solver]:
 
 # ---- cost to a target -------------------------------------------------------------------------------------
 
-def _evaluate(solver: Solver, jac: C.Jacobian, g: Tensor, u_ref: Tensor, budget: int) -> dict:
-    jac.count.reset()
+def _evaluate(solver: Solver, jac: Jacobian, g: Tensor, u_ref: Tensor, budget: int) -> dict:
+    jac.record = CostRecord()
     t0 = C.clock()
     u = solver.run(jac, g, budget)
     seconds = C.clock() - t0
-    err = C.rel_error(u, u_ref)
-    return {"budget": budget, "error": err if math.isfinite(err) else float("inf"), "vjps": jac.count.vjps,
-            "jvps": jac.count.jvps, "seconds": seconds}
+    err = relative_error(u.double().reshape(-1), u_ref.double().reshape(-1))
+    return {"budget": budget, "error": err if math.isfinite(err) else float("inf"), "vjps": jac.record.vjps,
+            "jvps": jac.record.jvps, "seconds": seconds}
 
 
-def cost_to_targets(solver: Solver, jac: C.Jacobian, g: Tensor, u_ref: Tensor, targets=TARGETS,
+def cost_to_targets(solver: Solver, jac: Jacobian, g: Tensor, u_ref: Tensor, targets=TARGETS,
                     start: int = 8, resolution: float = 0.01) -> dict:
     """Smallest budget meeting each target: doubling, then bisection to max(1, resolution * budget).
 
@@ -199,14 +210,14 @@ def cost_to_targets(solver: Solver, jac: C.Jacobian, g: Tensor, u_ref: Tensor, t
 @dataclass
 class Problem:
     tuned: C.TunedMap
-    jac: C.Jacobian
+    jac: Jacobian
     g: Tensor
     u_ref: Tensor
     target_z: Tensor
 
 
 def make_problem(tuned: C.TunedMap, seed: int) -> Problem:
-    jac = C.Jacobian(tuned.step, tuned.params, tuned.x, tuned.z)
+    jac = Jacobian(tuned.step, tuned.params, tuned.x, tuned.z)
     B = tuned.z.shape[0]
     gen = torch.Generator().manual_seed(seed + 7)
     target_z = torch.randn(tuned.z.shape, generator=gen, dtype=C.DTYPE)
@@ -338,8 +349,8 @@ def end_to_end(problem: Problem, z0: Tensor, repeats: int, *, forward_tol: float
         with C.quiet():
             grads = fn()
         flat = torch.cat([gr.reshape(-1) for gr in grads])
-        rows.append({"method": name, "library": name.split(":")[0], "gradient_error": C.rel_error(flat, exact_flat),
-                     "cosine": C.cosine(flat, exact_flat)})
+        rows.append({"method": name, "library": name.split(":")[0], "gradient_error": relative_error(flat, exact_flat),
+                     "cosine": cosine(flat, exact_flat)})
     with C.quiet():
         timed = C.interleaved_medians(runs, repeats)
     for row in rows:

@@ -1,7 +1,7 @@
 """Memory: bytes autograd saves for backward (fpgrad.gradient's cost.bytes_saved, counted with saved-tensor
 hooks, unique storages) after T = 10, 100, 1000 forward iterations, for each estimator; ratio T=1000 / T=10.
 
-The forward is exactly T plain iterations (Iterate(tol=0, max_iter=T)); Unrolled(T) and Truncated(k, T)
+The forward is exactly T plain iterations (Iterate.exactly(T)); Unrolled(T) and Truncated(k, T)
 take T themselves. An independent count (every saved tensor's numel x element size, no deduplication) is
 recorded beside it as a check. Maps: slot attention and the tanh map, float64.
 

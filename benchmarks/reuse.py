@@ -11,9 +11,9 @@ may be measured every K-th step only, and ratios are taken over the steps where 
   points of a teacher map (U and b perturbed), over 8 inputs near the tuned one shuffled into batches of 4 each
   epoch, with sample ids; forward Broyden (tol 1e-10) from zero keeping every update (memory = max_iter); at
   the first and last step SHINE is also measured with the default memory 50.
-- slot attention, the training study's model, data, batch and Adam (studies/training.py settings, build_model,
-  dataset) in float64, on 64 fixed scenes cycled in epochs (warm starts need samples that come back) with the
-  slot-init noise fixed per scene, trained with the exact implicit gradient:
+- slot attention, the training study's model, data, batch and Adam (fpgrad.setting: autoencoder_settings,
+  build_autoencoder, scenes) in float64, on 64 fixed scenes cycled in epochs (warm starts need samples that
+  come back) with the slot-init noise fixed per scene, trained with the exact implicit gradient:
   z_T: the study's forward (T = 3 plain iterations, lr 2e-3) and adjoint system at z_T (no forward inverse
        estimate: SHINE does not apply);
   z*:  slots solved to the fixed point by Broyden (tol 1e-10, every update kept) and the adjoint there, at lr
@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from benchmarks import _common as C
+from fpgrad.jacobian import Jacobian
 
 ACCURACY = 1e-6                  # relative error of the adjoint every strategy must reach
 TARGET_RATIO = 0.5               # mean VJPs of the best reuse strategy / cold GMRES
@@ -402,12 +403,12 @@ SLOT_VARIANTS = {
 
 
 def slot_config(variant: str, quick: bool, steps: int | None, data: int | None) -> dict[str, Any]:
-    """The training study's hyperparameters (studies/training.py settings) with this benchmark's run length,
-    data set size and forward solve."""
-    from studies.training import settings
+    """The training study's setting (fpgrad.setting: its hyperparameters and base run) with this benchmark's run
+    length, data set size and forward solve."""
+    from fpgrad.setting import BASE_RUN, autoencoder_settings
     spec = SLOT_VARIANTS[variant]
-    cfg = dict(settings(quick))
-    cfg.update(estimator="implicit", ablation="base", seed=0, clip=None, warmup=0, iters=3)
+    cfg = dict(autoencoder_settings(quick))
+    cfg.update(estimator="implicit", ablation="base", seed=0, **BASE_RUN)
     cfg.update(variant=variant, label=spec["label"], forward=spec["forward"], train_gradient="implicit")
     if spec["lr"] is not None:
         cfg["lr"] = spec["lr"]
@@ -423,10 +424,11 @@ def slot_config(variant: str, quick: bool, steps: int | None, data: int | None) 
 def slot_setting(cfg: dict, chosen: list[Strategy], seed: int, max_iter: int) -> dict[str, Any]:
     import fpgrad
     from fpgrad.estimators import Implicit
-    from studies.training import build_model, dataset
+    from fpgrad.setting import build_autoencoder
+    from fpgrad.setting import scenes as scene_generator
     torch.manual_seed(seed)                 # nothing below draws from it; set so that nothing can differ
-    model = build_model(cfg, backward=Implicit()).double()
-    scenes = dataset(cfg).sample(cfg["data"], torch.Generator().manual_seed(seed + 11))
+    model = build_autoencoder(cfg, backward=Implicit()).double()
+    scenes = scene_generator(cfg).sample(cfg["data"], torch.Generator().manual_seed(seed + 11))
     images_all = scenes.images.double()
     gen = torch.Generator().manual_seed(seed + 12)
     K, D = cfg["num_slots"], cfg["slot_dim"]
@@ -459,7 +461,7 @@ def slot_setting(cfg: dict, chosen: list[Strategy], seed: int, max_iter: int) ->
         (g,) = torch.autograd.grad(loss, z, retain_graph=True)
         B = z.shape[0]
         g = g.reshape(B, -1)
-        Jd = C.Jacobian(m.step, m.params, x, fp.z).dense()
+        Jd = Jacobian(m.step, m.params, x, fp.z).dense()
         A = torch.eye(Jd.shape[-1], dtype=C.DTYPE) - Jd.transpose(1, 2)
         u_ref = torch.linalg.solve(A, g.unsqueeze(2)).squeeze(2)
         sigma_min = torch.linalg.svdvals(A)[:, -1]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from benchmarks import _common as C
+from fpgrad.compare import cosine, relative_error
 
 CLASSES = ("raised", "warned", "flagged-in-result", "nan/inf", "correct", "SILENT", "inexact (defaults)")
 
@@ -230,8 +231,10 @@ def classify(fn: Callable[[], Outcome], exact: Tensor, accept: float, expect_tol
         caught = [f"{w.category.__name__}: {str(w.message).splitlines()[0][:300]}" for w in ws
                   if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
     grad = out.grad
-    err = C.rel_error(grad, exact) if grad is not None else float("nan")
-    cos = C.cosine(grad, exact) if grad is not None else float("nan")
+    err = cos = float("nan")
+    if grad is not None:
+        flat, ref = grad.detach().double().reshape(-1), exact.detach().double().reshape(-1)
+        err, cos = relative_error(flat, ref), cosine(flat, ref)
     row = {"gradient_error": err, "cosine": cos, **out.extra}
     finite = grad is not None and bool(torch.isfinite(grad).all())
     if caught:

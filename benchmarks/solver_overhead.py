@@ -14,24 +14,24 @@ import sys
 import torch
 
 from benchmarks import _common as C
+from fpgrad.estimators import CostRecord
 
 
 class DiagonalJacobian:
-    """A stand-in for benchmarks._common.Jacobian whose VJP is an elementwise product (a few microseconds)."""
+    """A stand-in for fpgrad.jacobian.Jacobian (its JT / J and CostRecord `record`) whose products are an
+    elementwise product (a few microseconds)."""
 
     def __init__(self, n: int, seed: int):
-        self.count = C.Counter()
+        self.record = CostRecord()
         gen = torch.Generator().manual_seed(seed)
         self.d = 0.9 * torch.rand(1, n, generator=gen, dtype=C.DTYPE)
 
-    def vjp(self, v):
-        self.count.vjps += 1
-        if C._grad_tracked(v):          # will be differentiated once more (TorchOpt's normal CG)
-            self.count.jvps += 1
+    def JT(self, v):
+        self.record.vjps += 1
         return self.d * v
 
-    def jvp(self, v):
-        self.count.jvps += 1
+    def J(self, v):
+        self.record.jvps += 1
         return self.d * v
 
 
@@ -54,15 +54,15 @@ def main(argv: list[str] | None = None) -> int:
             fn()
             samples.append(C.clock() - t0)
         return statistics.median(samples)
-    per_vjp = median(lambda: [jac.vjp(g) for _ in range(K)]) / K
+    per_vjp = median(lambda: [jac.JT(g) for _ in range(K)]) / K
     rows = []
     for s in solvers(restart=200):
         if s.budget_fixed or not s.exact:
             continue
-        jac.count.reset()
+        jac.record = CostRecord()
         with C.quiet():
             s.run(jac, g, K)
-        vjps, jvps = jac.count.vjps, jac.count.jvps
+        vjps, jvps = jac.record.vjps, jac.record.jvps
         with C.quiet():
             total = median(lambda s=s: s.run(jac, g, K))
         outside = total - (vjps + jvps) * per_vjp

@@ -18,12 +18,10 @@ atomically); a table is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 
 import fpgrad
 import fpgrad.spectral as spectral
+from fpgrad._io import write_json
 from fpgrad.errors import ConvergenceWarning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,29 +335,9 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def _clean(obj):
-    """Standard JSON: NaN / Inf become the strings 'nan' / 'inf' / '-inf' (as in SpectralSummary)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def save(out: dict, path: Path) -> None:
-    """Write JSON atomically: a temporary file in the same directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(out), f, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (NaN / Inf as strings, as in SpectralSummary)."""
+    write_json(path, out)
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from benchmarks import _common as C
+from fpgrad.jacobian import Jacobian
 
 TOLERANCE = 1e-3
 BUDGET = 300
@@ -173,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dense_J(case: dict) -> Tensor:
     m = case["map"]
-    jac = C.Jacobian(m.step, m.params, case["x"], case["z"])
-    return jac.dense()[0]
+    return Jacobian(m.step, m.params, case["x"], case["z"]).dense()[0]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Small pieces the studies share: exact-T forward passes, timing, thread settings, CSV and provenance text.
+"""Small pieces the studies share: timing, thread settings, CSV and provenance text.
 
 Nothing here computes a study's numbers; it runs or writes what a study asks for.
 """
@@ -16,16 +16,17 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from ._io import atomic_write_text
 from .forward import Iterate
 from .maps import Map
-from .report import atomic_write_text
 
 # the weights through which slot attention's next state depends on its current one
 RECURRENT_WEIGHTS = ("gru.weight_hh", "to_q.weight", "mlp.2.weight")
 
 
 def exact_iterations(T: int) -> Iterate:
-    """A forward pass of exactly T plain iterations returning z_T (no stopping rule, no warning, no 'best')."""
+    """A forward pass of exactly T plain iterations returning z_T: `Iterate.exactly(T)` (the studies call that
+    directly; this name stays for callers of the earlier helper)."""
     return Iterate.exactly(int(T))
 
 

@@ -19,11 +19,11 @@ import torch
 
 import fpgrad
 from fpgrad.estimators import Implicit, Neumann, OneStep, Truncated, Unrolled
+from fpgrad.forward import Iterate
 from fpgrad.report import atomic_write_text, figure_style, markdown_table, new_figure, save_figure
 from fpgrad.spectral import spectral_radius
 from fpgrad.study import Study
 from fpgrad.study_tools import (
-    exact_iterations,
     median,
     provenance_markdown,
     time_interleaved,
@@ -102,7 +102,7 @@ def run(c: dict) -> dict:
 def _run(c: dict) -> dict:
     m, x, z0, loss_fn = build_problem(c)
     est = make_estimator(c)
-    forward = exact_iterations(int(c["T"]))
+    forward = Iterate.exactly(int(c["T"]))
     # bytes and counts: fpgrad.gradient measures the bytes autograd saves for backward (saved-tensor hooks)
     g = fpgrad.gradient(m, x, loss_fn, estimator=est, z0=z0, forward=forward)
     g2 = fpgrad.gradient(m, x, loss_fn, estimator=est, z0=z0, forward=forward)

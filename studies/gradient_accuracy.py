@@ -22,12 +22,11 @@ import torch
 import fpgrad
 from fpgrad.compare import compare_estimators, cosine, describe, flat_gradient, relative_error
 from fpgrad.estimators import FiniteDifference, Implicit, Neumann, OneStep, Phantom, Truncated, Unrolled
-from fpgrad.forward import get_forward
+from fpgrad.forward import Iterate, get_forward
 from fpgrad.report import atomic_write_text, figure_style, markdown_table, new_figure, save_figure
 from fpgrad.spectral import spectral_radius
 from fpgrad.study import Study
 from fpgrad.study_tools import (
-    exact_iterations,
     provenance_markdown,
     scale_recurrent_weights,
     torch_threads,
@@ -233,7 +232,7 @@ def run_accuracy(c: dict) -> dict:
         forward, z_T = reference_forward(), ref.z
         forward_residual = float(ref.forward.relative_residuals[-1].max())
     else:
-        forward = exact_iterations(int(T))
+        forward = Iterate.exactly(int(T))
         fp = fpgrad.solve(m, x, z0=z0, method=forward)
         z_T, forward_residual = fp.z, float(fp.relative_residuals[-1].max())
     rho_T = spectral_radius(m, x, z_T, method="dense", check_fixed_point=False)
@@ -296,7 +295,7 @@ def run_one_step_sweep(c: dict) -> dict:
     ref_flat = flat_gradient(ref)
     one_step = []
     for T in c["T"]:
-        forward = reference_forward() if T == CONVERGED else exact_iterations(int(T))
+        forward = reference_forward() if T == CONVERGED else Iterate.exactly(int(T))
         g = fpgrad.gradient(m, x, loss_fn, estimator=OneStep(), z0=z0, forward=forward)
         flat = flat_gradient(g)
         one_step.append({"T": str(T), "relative_error": relative_error(flat, ref_flat),

@@ -62,3 +62,32 @@ def test_cli_quick_run(tmp_path):
     records = RowStore(out / "rows.jsonl").records()
     assert len(records) == len(grid(True))
     assert json.loads((out / "rows.jsonl").read_text().splitlines()[0])["row"]["losses"]
+
+
+def test_study_and_reuse_benchmark_share_one_setting():
+    from fpgrad.setting import BASE_RUN, autoencoder_settings
+    from studies.training import ablation_settings, settings
+    for quick in (True, False):
+        assert settings(quick) == autoencoder_settings(quick)
+        assert ablation_settings("base", settings(quick)) == BASE_RUN
+
+
+def test_committed_report_regenerates_from_its_stored_rows():
+    """results.csv and summary.csv are rebuilt byte for byte from reports/training/rows.jsonl, and every
+    paragraph of the reading is the committed README's (nothing rerun)."""
+    from fpgrad.study import config_key
+    from fpgrad.study_tools import csv_text
+    from studies.training.reading import reading
+    from studies.training.tables import run_table, summary_table
+    report = Path(__file__).parents[1] / "reports" / "training"
+    configs = [{**c, "quick": False} for c in grid(False)]
+    by_key = {r["key"]: r["row"] for r in RowStore(report / "rows.jsonl").records()}
+    rows = [{**by_key[config_key(c)], "config": c} for c in configs]
+    more = max(rows[0]["eval_iters"])
+    table = run_table(rows)
+    summary = summary_table(table, more)
+    assert csv_text(table, list(table[0])) == (report / "results.csv").read_text()
+    assert csv_text(summary, list(summary[0])) == (report / "summary.csv").read_text()
+    readme = (report / "README.md").read_text()
+    paragraphs = reading(table, summary, more, rows[0]["config"]["iters"], rows)
+    assert len(paragraphs) == 8 and all(p in readme for p in paragraphs)

@@ -5,7 +5,7 @@
 The helpers (atomic writes, tables, figure saving, Markdown -> HTML) are for studies and benchmarks too.
 """
 
-from ._atomic import atomic_directory, atomic_write_bytes, atomic_write_text
+from .._io import atomic_directory, atomic_write_bytes, atomic_write_text
 from ._figures import figure_style, new_figure, save_figure
 from ._markdown import format_number, markdown_table, markdown_to_html, write_html
 from ._verdict import derived_numbers

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from fpgrad.spectral._summary import SpectralSummary
 
-from ._atomic import PathLike, atomic_write_bytes
+from .._io import PathLike, atomic_write_bytes
 
 DPI = 110
 _MARKERS = ["o", "s", "D", "^", "v", "P", "X", "*", "<", ">", "h", "p"]

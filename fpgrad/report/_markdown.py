@@ -16,7 +16,7 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
-from ._atomic import PathLike, atomic_write_text
+from .._io import PathLike, atomic_write_text
 
 Format = Union[str, Callable[[Any], str]]
 

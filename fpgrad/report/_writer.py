@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
-from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Callable
 
 from fpgrad.spectral._summary import SpectralSummary
 
+from .._io import PathLike, atomic_directory, atomic_write_text, jsonable
 from . import _figures
-from ._atomic import PathLike, atomic_directory, atomic_write_text
 from ._markdown import format_number as num
 from ._markdown import markdown_table, write_html
 from ._verdict import derived_numbers, estimator_bullets, headline, meaning_bullets, samples
@@ -33,19 +31,6 @@ FIGURES = {
                    "Relative gradient error vs matrix-vector products per estimator (log-log); a red ring marks a "
                    "cosine ≤ 0, i.e. not a descent direction; exact rows sit at the bottom edge."),
 }
-
-
-def _clean(obj: Any) -> Any:
-    """JSON has no NaN / Inf: write them as the strings 'nan', 'inf', '-inf' (as SpectralSummary.to_dict does)."""
-    if isinstance(obj, Real) and not isinstance(obj, (bool, int, float)):   # numpy scalars
-        obj = int(obj) if isinstance(obj, Integral) else float(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def _flatten(prefix: str, value: Any, out: list[dict[str, Any]]) -> None:
@@ -212,7 +197,7 @@ def spectral_report(summary: SpectralSummary, out_dir: PathLike, *, title: str |
         derived["figures"] = figures
         text = spectral_markdown(summary, derived, figures, title)
         payload = summary.to_dict()
-        payload["report"] = _clean(derived)
+        payload["report"] = jsonable(derived)
         atomic_write_text(tmp / "summary.json", json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
         atomic_write_text(tmp / "report.md", text)
         write_html(text, tmp / "report.html", title=title)

@@ -3,9 +3,12 @@
 Whether implicit and one-step gradients can be trusted is decided by J: fixed-point iteration and
 the Neumann series converge at rate ~ rho(J) and only when rho(J) < 1; the adjoint solve
 (I - J^T) u = g is as hard as I - J is ill-conditioned. Everything here is matrix-free (JVPs / VJPs
-through `JacobianOperator`), with dense references for small n, per sample of a batch.
+through `JacobianOperator`, the spectral form of the one Jacobian object `fpgrad.jacobian.Jacobian` that the
+estimators and benchmarks use too; any of them can be measured), with dense references for small n, per sample
+of a batch.
 """
 
+from ..jacobian import Jacobian
 from ._analyze import analyze
 from ._bound import adjoint_error_bound
 from ._contraction import ContractionRate, contraction_rate
@@ -24,6 +27,7 @@ __all__ = [
     "ContractionRate",
     "Eigenvalues",
     "FrobeniusNorm",
+    "Jacobian",
     "JacobianOperator",
     "PowerIteration",
     "ProductCount",

@@ -8,6 +8,8 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .._io import from_jsonable, jsonable
+
 
 def spread(values: list[float]) -> dict[str, float]:
     """min / median / mean / max / std of a list of finite floats (NaN-free; empty -> NaNs)."""
@@ -75,7 +77,7 @@ class SpectralSummary:
         d = asdict(self)
         d["spread"] = {k: self.spread(k) for k in ("spectral_radius", "lipschitz", "sigma_min_I_minus_J",
                                                     "condition_I_minus_J", "frobenius", "contraction_rate")}
-        return _clean(d)
+        return jsonable(d)
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
@@ -83,33 +85,8 @@ class SpectralSummary:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpectralSummary:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: _unclean(v) for k, v in d.items() if k in names})
+        return cls(**{k: from_jsonable(v) for k, v in d.items() if k in names})
 
     @classmethod
     def from_json(cls, text: str) -> SpectralSummary:
         return cls.from_dict(json.loads(text))
-
-
-def _clean(obj):
-    """JSON has no NaN/Inf: store them as the strings 'nan', 'inf', '-inf'."""
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return "nan"
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _unclean(obj):
-    if isinstance(obj, str) and obj in ("nan", "inf", "-inf"):
-        return float(obj)
-    if isinstance(obj, dict):
-        return {k: _unclean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_unclean(v) for v in obj]
-    return obj

@@ -1,14 +1,20 @@
-"""Atomic writes: a file or a whole folder appears complete or not at all; a failed write leaves the old one."""
+"""Writing files: atomically (a file or a whole folder appears complete or not at all; a failed write leaves
+the old one) and as standard JSON (NaN / Inf as the strings 'nan' / 'inf' / '-inf', tensors and numpy values as
+plain numbers). Imports neither torch nor plotting at module level, so that any part of fpgrad can use it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import secrets
 import shutil
 import tempfile
+from numbers import Integral, Real
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Mapping, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -107,3 +113,60 @@ def _swap_into_place(new: Path, out_dir: Path) -> None:
         os.rename(backup, out_dir)
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+# ---- JSON ---------------------------------------------------------------------------------------------------
+
+def jsonable(obj: Any) -> Any:
+    """`obj` as plain JSON values: mappings (keys as str), lists, tuples, tensors (a one-element tensor as its
+    number), numpy arrays and scalars; NaN / Inf as the strings 'nan' / 'inf' / '-inf' (standard JSON has
+    neither); complex as {"real", "imag"}; anything else as its str()."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return "nan"
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, complex):
+        return {"real": jsonable(obj.real), "imag": jsonable(obj.imag)}
+    if isinstance(obj, Real):                                   # numpy scalars
+        return jsonable(int(obj) if isinstance(obj, Integral) else float(obj))
+    if hasattr(obj, "detach") and hasattr(obj, "tolist"):       # a torch.Tensor
+        t = obj.detach().cpu()
+        return jsonable(t.item() if t.numel() == 1 else t.tolist())
+    if hasattr(obj, "tolist") and callable(obj.tolist):          # numpy arrays and scalars
+        return jsonable(obj.tolist())
+    return str(obj)
+
+
+def from_jsonable(obj: Any) -> Any:
+    """Undo `jsonable`'s NaN / Inf strings: 'nan', 'inf', '-inf' back to floats, in nested dicts and lists."""
+    if isinstance(obj, str) and obj in ("nan", "inf", "-inf"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    return obj
+
+
+def json_default(obj: Any) -> Any:
+    """`default=` for json.dumps: a tensor as its list, anything with .item() (numpy, 0-dim tensors) as its
+    number, anything else as its str()."""
+    if hasattr(obj, "detach") and hasattr(obj, "tolist"):       # a torch.Tensor
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def write_json(path: PathLike, obj: Any, indent: int | None = 1, sort_keys: bool = False) -> Path:
+    """`jsonable(obj)` written atomically to `path` as standard JSON (no NaN / Inf literals), newline-terminated."""
+    text = json.dumps(jsonable(obj), indent=indent, sort_keys=sort_keys, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
