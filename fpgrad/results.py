@@ -380,8 +380,8 @@ def report(result: Any, *, message: str | None = None, throw: bool = False, warn
     return result
 
 
-_SKIP = tuple(os.path.join(os.path.dirname(os.path.abspath(m.__file__)), "") for m in (sys.modules[__package__],
-                                                                                         torch))
+# fpgrad's own folder (this file's) and torch's: frames there are skipped when looking for the caller's line
+_SKIP = tuple(os.path.join(os.path.dirname(os.path.abspath(path)), "") for path in (__file__, torch.__file__))
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _REPEATS: dict = {}
 _LOCK = threading.Lock()
