@@ -361,7 +361,7 @@ def report(result: Any, *, message: str | None = None, throw: bool = False, warn
     samples even without throw. The error carries the result as `.solution`.
     """
     status = result.status
-    if bool(_ok(status).all()):
+    if status is None or bool(_ok(status).all()):      # (a Gradient of an estimator that ran no solve: None)
         return result
     text = result.message if message is None else message
     codes = set(status.reshape(-1).tolist())

@@ -100,6 +100,9 @@ def test_a_gradient_carries_the_status_of_its_solves():
         warnings.simplefilter("ignore", ConvergenceWarning)
         short = fpgrad.gradient(m, x, loss, estimator=Implicit(tol=1e-12, max_iter=1))
     assert short.statuses == [Status.MAX_ITER] * 2 and not short.ok and "did not converge" in short.message
+    with pytest.raises(ConvergenceError, match="did not converge"):      # a boundary with throw=True
+        report(short, throw=True)
+    assert report(g, throw=True) is g
 
 
 # --- warnings point at the user's line (#17 item 7) ---------------------------------------------------------------
