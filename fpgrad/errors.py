@@ -31,6 +31,10 @@ class DivergenceError(ConvergenceError):
     """An iteration's residual grew without bound (e.g. Neumann series with spectral radius >= 1)."""
 
 
+class SingularSystemError(ConvergenceError):
+    """I - M is singular (J has an eigenvalue 1), so (I - M) u = b has no unique solution."""
+
+
 class NonSymmetricError(FPGradError, ValueError):
     """Conjugate gradient was given an operator that is not symmetric."""
 
@@ -47,6 +51,7 @@ __all__ = [
     "NonFiniteError",
     "ConvergenceError",
     "DivergenceError",
+    "SingularSystemError",
     "NonSymmetricError",
     "ConvergenceWarning",
 ]

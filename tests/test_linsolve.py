@@ -27,7 +27,7 @@ from fpgrad.linsolve import (
     BiCGSTAB,
     Dense,
     LinearSolution,
-    Neumann,
+    NeumannSeries,
     NormalCG,
     SingularSystemError,
     get_solver,
@@ -116,7 +116,7 @@ def test_cg_flags_an_indefinite_system_as_diverged():
 def test_neumann_raises_divergence_when_the_spectral_radius_exceeds_one():
     p = make_problem(12, [1.3, 0.4], seed=3)
     with pytest.raises(DivergenceError, match="spectral radius") as info:
-        Neumann().solve(p.M, p.b)
+        NeumannSeries().solve(p.M, p.b)
     assert "gmres" in str(info.value)
     assert bool(info.value.solution.diverged[0]) and bool(info.value.solution.converged[1])
 
@@ -124,7 +124,7 @@ def test_neumann_raises_divergence_when_the_spectral_radius_exceeds_one():
 def test_neumann_divergence_with_throw_false_is_flagged_and_never_a_plausible_number():
     p = make_problem(12, [1.3, 0.4], seed=3)
     with pytest.warns(ConvergenceWarning, match="neumann"):
-        sol = Neumann(tol=1e-10).solve(p.M, p.b, throw=False)
+        sol = NeumannSeries(tol=1e-10).solve(p.M, p.b, throw=False)
     assert sol.diverged.tolist() == [True, False]
     assert sol.converged.tolist() == [False, True]
     assert bool(sol.u[0].isnan().all())

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceError, ConvergenceWarning, DivergenceError, ShapeError
+from ..errors import DivergenceError, ShapeError
+from ..linsolve import SOLVERS, AbstractSolver, MixedPrecision, get_solver
+from ..results import SeriesResidual, report, warn
 from ._base import CostRecord, Estimator, Linearisation
-from ._reuse import refine
 
 _GROWTH_LIMIT = 1e6
 
@@ -33,7 +33,7 @@ def check_fixed_point(name: str, lin: Linearisation, rtol: float, record: CostRe
            f"{rtol:g}); this gradient assumes z = f(z) and can point the wrong way: converge the forward solve "
            "(raise max_iter / use anderson or broyden) or use Unrolled(T) for a truncated forward pass")
     record.messages.append(msg)
-    warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+    warn(msg)
 
 
 def _check_series(name: str, norms: list[float], record: CostRecord) -> None:
@@ -52,26 +52,7 @@ def _check_series(name: str, norms: list[float], record: CostRecord) -> None:
                "is >= 1, or J is non-normal and its powers grow before they shrink; this gradient is unreliable: "
                "use Implicit(solver='gmres')")
         record.messages.append(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
-
-
-@dataclass(frozen=True)
-class SeriesResidual:
-    """What a truncated series (Neumann, Phantom) leaves of the adjoint system (I - J^T) u = g.
-
-    residual: [B] relative residual ||g - (I - J^T) u|| / ||g|| of the returned u (measured with the pullback's
-    own VJP: no extra product). solved: [B] residual <= tol, the tolerance Implicit() would use by default;
-    almost always False: the series is an approximation of the implicit gradient, and this says how far it
-    is from solving the system. A small residual does not prove the error small (it is amplified by up to
-    1 / sigma_min(I - J)), and a few terms cannot reveal rho(J) >= 1 (benchmarks/silent_failures.py).
-    """
-
-    estimator: str
-    residual: Tensor
-    terms: int
-    tol: float
-    solved: Tensor
-    message: str
+        warn(msg)
 
 
 def _record_series(name: str, terms: int, g: Tensor, u: Tensor, JTu: Tensor, record: CostRecord) -> None:
@@ -94,7 +75,7 @@ def _record_series(name: str, terms: int, g: Tensor, u: Tensor, JTu: Tensor, rec
                "shrink) and this gradient is unreliable: use Implicit(solver='gmres') or check "
                "fpgrad.spectral.spectral_radius")
         record.messages.append(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+        warn(msg)
 
 
 @dataclass(frozen=True)
@@ -113,6 +94,9 @@ class Neumann(Estimator):
     name = "neumann"
     adjoint = True
     reports_residual = True
+
+    def describe(self) -> str:
+        return f"Neumann({self.k})"
 
     def check_residual(self, lin, g, u, JTu, record):
         _record_series(f"Neumann({self.k})", self.k + 1, g, u, JTu, record)
@@ -144,6 +128,9 @@ class Phantom(Estimator):
     adjoint = True
     reports_residual = True
 
+    def describe(self) -> str:
+        return f"Phantom({self.k}, {self.tau:g})"
+
     def check_residual(self, lin, g, u, JTu, record):
         _record_series(f"Phantom({self.k}, {self.tau})", self.k, g, u, JTu, record)
 
@@ -163,37 +150,52 @@ class Phantom(Estimator):
         return self.tau * u
 
 
-_PRECONDITIONABLE = ("gmres", "bicgstab", "neumann", "cg_normal", "gcrodr")
 _INVERSE_FORWARD = ("anderson", "broyden")
+
+
+def _explicit_tol(solver: AbstractSolver) -> float | None:
+    """The tol a caller set on a solver object (None when it is the class default)."""
+    if isinstance(solver, MixedPrecision):
+        return solver.tol if solver.tol is not None else _explicit_tol(solver.inner)
+    default = {f.name: f.default for f in fields(solver)}.get("tol")
+    return None if solver.tol == default else solver.tol
 
 
 @dataclass(frozen=True)
 class Implicit(Estimator):
     """Exact implicit gradient: solve (I - J^T) u = g, then grad = (df/d(params, x))^T u.
 
-    solver: "gmres" | "bicgstab" | "cg_normal" | "cg" (symmetric J only; checked) | "neumann" | "dense" |
-    "gcrodr" (GMRES with a recycled subspace). tol: relative residual of the adjoint solve (default by dtype:
-    1e-8 in float64, 1e-5 in float32, 1e-3 in half precision). A diverged solve raises DivergenceError; one
-    that stops at max_iter warns (ConvergenceWarning) or raises with throw=True. The LinearSolution is kept in
-    the CostRecord (`record.solves`). The gradient is exact only at a fixed point: a state whose relative
-    residual exceeds fixed_point_rtol (None: no check) is warned about (ConvergenceWarning).
+    solver: a linear solver object, GMRES(restart=50) | BiCGSTAB() | NormalCG() | CG() (symmetric J only;
+    checked) | NeumannSeries() | Dense() | GCRODR(k=10) | MixedPrecision(GMRES(), dtype=torch.float32), or its
+    name as shorthand: "gmres" | "bicgstab" | "cg_normal" | "cg" | "neumann" | "dense" | "gcrodr".
+    tol: relative residual of the adjoint solve (default: a tol set on the solver object, else by dtype:
+    1e-8 in float64, 1e-5 in float32, 1e-3 in half precision). max_iter: overrides the solver's.
+    A diverged solve raises DivergenceError; one that stops at max_iter warns (ConvergenceWarning) or raises with
+    throw=True (fpgrad.results.report). The LinearSolution, with its per-sample status, is kept in the CostRecord
+    (`record.solves`). The gradient is exact only at a fixed point: a state whose relative residual exceeds
+    fixed_point_rtol (None: no check) is warned about (ConvergenceWarning).
 
     Reuse (each still drives the residual to tol and reports it; a guess worse than zero is dropped):
     precondition="forward": right-precondition the Krylov solve with the forward solver's inverse estimate
         (SHINE, Ramzi et al. 2022): (I - J^T)^{-1} ~ I - V U^T from Broyden's or Anderson's secant updates
-        (forward="broyden" / "anderson"; checked when fixed_point is called). Measured (benchmarks/reuse.py):
-        it pays as J's spectrum nears 1 and only if Broyden keeps every update (memory >= its steps).
+        (forward="broyden" / "anderson"; checked when fixed_point is called). Needs a solver whose
+        `preconditionable` is True. Measured (benchmarks/reuse.py): it pays as J's spectrum nears 1 and only if
+        Broyden keeps every update (memory >= its steps).
     initial_guess="forward": start from that estimate applied to g (SHINE's answer, used as a guess; it meets
         the secant equations in the forward direction only, and was worse than zero in the benchmarks).
     warm_start: a WarmStart the caller owns: the previous adjoint of the same sample (bound ids) or batch.
-    recycle: a RecycleSpace the caller owns: GCRO-DR recycling of the slow eigenvectors across solves
-        (solver "gcrodr"; the default "gmres" is switched to it).
-    mixed_precision: a lower dtype (torch.float32 for a float64 map): Krylov products in that dtype, the
-        residual corrected in the map's dtype (iterative refinement, at most max_refinements); the accuracy
-        reached is the full-precision residual, measured.
+    recycle: a RecycleSpace the caller owns, handed to the solver at each solve (`compute(..., state=recycle)`):
+        GCRO-DR recycling of the slow eigenvectors across solves (a solver whose `recycles` is True; the name
+        "gmres" means GCRODR here).
+    warm_start and recycle are handles to caller-owned state, left out of equality and hash: the config never
+    changes; the state is read and written where the solve happens.
+    Shorthand kept from before solvers were objects: options= (the named solver's fields, e.g.
+    {"restart": 50}) and mixed_precision=torch.float32 / max_refinements= (wraps the solver in MixedPrecision:
+    Krylov products in that dtype, the residual corrected in the map's dtype; the accuracy reached is the
+    full-precision residual, measured).
     """
 
-    solver: str = "gmres"
+    solver: Union[str, AbstractSolver] = "gmres"
     tol: float | None = None
     max_iter: int | None = None
     throw: bool = False
@@ -209,34 +211,62 @@ class Implicit(Estimator):
     name = "implicit"
     adjoint = True
 
+    def describe(self) -> str:
+        solver = getattr(self.solver, "name", self.solver)
+        return f"Implicit({solver})" if self.tol is None else f"Implicit({solver}, tol={self.tol:g})"
+
     def __post_init__(self):
-        from ..linsolve import SOLVERS
-        if self.recycle is not None and self.solver == "gmres":
-            object.__setattr__(self, "solver", "gcrodr")
-        if self.solver not in SOLVERS:
+        if isinstance(self.solver, str) and self.solver not in SOLVERS:
             raise ValueError(f"Implicit: unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
-        if self.recycle is not None and self.solver != "gcrodr":
-            raise ValueError(f"Implicit: recycle= needs solver='gcrodr' (GMRES with a recycled subspace), got "
-                             f"solver={self.solver!r}")
+        if not isinstance(self.solver, (str, AbstractSolver)):
+            raise TypeError(f"Implicit: solver must be a linear solver object (e.g. fpgrad.linsolve.GMRES(restart=50)) "
+                            f"or its name, got {type(self.solver).__name__}")
         if self.precondition not in (None, "forward"):
             raise ValueError(f"Implicit: precondition must be None or 'forward', got {self.precondition!r}")
         if self.initial_guess not in (None, "forward"):
             raise ValueError(f"Implicit: initial_guess must be None or 'forward', got {self.initial_guess!r}")
-        if self.precondition is not None and self.solver not in _PRECONDITIONABLE:
-            raise ValueError(f"Implicit: solver={self.solver!r} cannot use precondition='forward' (CG needs a "
-                             "symmetric positive definite preconditioner, the dense solve none); use one of "
-                             f"{', '.join(_PRECONDITIONABLE)}")
         if self.warm_start is not None and self.initial_guess is not None:
             raise ValueError("Implicit: give warm_start or initial_guess='forward', not both (one initial guess)")
         if self.warm_start is not None and not hasattr(self.warm_start, "guess"):
             raise TypeError(f"Implicit: warm_start must be an fpgrad.estimators.WarmStart, got "
                             f"{type(self.warm_start).__name__}")
+        if self.mixed_precision is not None and not (isinstance(self.mixed_precision, torch.dtype)
+                                                     and self.mixed_precision.is_floating_point):
+            raise TypeError(f"Implicit: mixed_precision must be a floating torch.dtype (e.g. torch.float32), "
+                            f"got {self.mixed_precision!r}")
+        solver = self._configured_solver()          # builds (and so checks) the solver; nothing is stored
+        if self.recycle is not None and not solver.recycles:
+            raise ValueError(f"Implicit: recycle= needs solver='gcrodr' (GMRES with a recycled subspace), got "
+                             f"solver={solver.name!r}")
+        if self.precondition is not None and not solver.preconditionable:
+            raise ValueError(f"Implicit: solver={solver.name!r} cannot use precondition='forward' (CG needs a "
+                             "symmetric positive definite preconditioner, the dense solve none); use one of "
+                             f"{', '.join(n for n, c in SOLVERS.items() if c.preconditionable)}")
+
+    def _configured_solver(self) -> AbstractSolver:
+        """The solver object this config describes, before tol / max_iter are resolved for a dtype."""
+        solver = self.solver
+        if isinstance(solver, str):
+            name = "gcrodr" if self.recycle is not None and solver == "gmres" else solver
+            options = dict(self.options)
+            if name == "gcrodr" and self.recycle is not None:
+                options.setdefault("k", getattr(self.recycle, "k", 10))
+            solver = get_solver(name, **options)
+        elif self.options:
+            solver = replace(solver, **self.options)
         if self.mixed_precision is not None:
-            if not (isinstance(self.mixed_precision, torch.dtype) and self.mixed_precision.is_floating_point):
-                raise TypeError(f"Implicit: mixed_precision must be a floating torch.dtype (e.g. torch.float32), "
-                                f"got {self.mixed_precision!r}")
-            if self.solver == "dense":
-                raise ValueError("Implicit: mixed_precision needs an iterative solver, not 'dense'")
+            if isinstance(solver, MixedPrecision):
+                raise ValueError("Implicit: the solver is a MixedPrecision already; drop mixed_precision=")
+            if not solver.iterative:
+                raise ValueError(f"Implicit: mixed_precision needs an iterative solver, not {solver.name!r}")
+            solver = MixedPrecision(solver, dtype=self.mixed_precision, max_refinements=self.max_refinements)
+        return solver
+
+    @property
+    def solver_name(self) -> str:
+        """The linear solver's name ("gmres", "gcrodr", ...; the inner one for MixedPrecision)."""
+        solver = self._configured_solver()
+        return solver.inner.name if isinstance(solver, MixedPrecision) else solver.name
 
     @property
     def uses_forward_inverse(self) -> bool:
@@ -250,20 +280,18 @@ class Implicit(Estimator):
                              f"{getattr(forward, 'name', forward)!r} does not build: use forward='broyden' or "
                              "'anderson'")
 
-    def linear_solver(self, dtype: torch.dtype = torch.float64):
-        from ..linsolve import get_solver
-        kw = dict(self.options)
-        kw["tol"] = self.tol if self.tol is not None else default_tolerance(dtype)
-        if self.max_iter is not None and self.solver != "dense":
-            kw["max_iter"] = self.max_iter
-        if self.recycle is not None:
-            kw["space"] = self.recycle
-            kw.setdefault("k", self.recycle.k)
-        return get_solver(self.solver, **kw)
+    def linear_solver(self, dtype: torch.dtype = torch.float64) -> AbstractSolver:
+        """The solver object with tol (Implicit's, else one set on the object, else by dtype) and max_iter."""
+        solver = self._configured_solver()
+        tol = self.tol if self.tol is not None else _explicit_tol(solver)
+        changes: dict[str, Any] = {"tol": tol if tol is not None else default_tolerance(dtype)}
+        if self.max_iter is not None and solver.iterative:
+            changes["max_iter"] = self.max_iter
+        return replace(solver, **changes)
 
     def _forward_inverse(self, lin: Linearisation, g: Tensor):
         fp = lin.forward
-        inverse = None if fp is None else fp.info.get("inverse")
+        inverse = None if fp is None else getattr(fp, "inverse", None)
         if inverse is None:
             raise ValueError(f"Implicit(precondition={self.precondition!r}, initial_guess={self.initial_guess!r}): "
                              "no inverse-Jacobian estimate from the forward solve reached the backward (forward "
@@ -276,9 +304,9 @@ class Implicit(Estimator):
 
     def adjoint_vector(self, lin: Linearisation, g: Tensor, record: CostRecord,
                        x0: Tensor | None = None) -> Tensor:
-        name = f"Implicit(solver={self.solver!r})"
-        check_fixed_point(name, lin, self.fixed_point_rtol, record)
         solver = self.linear_solver(g.dtype)
+        name = f"Implicit(solver={self.solver_name!r})"
+        check_fixed_point(name, lin, self.fixed_point_rtol, record)
         preconditioner = None
         if self.uses_forward_inverse:
             inverse = self._forward_inverse(lin, g)
@@ -294,28 +322,22 @@ class Implicit(Estimator):
                 x0 = inverse.solve_transpose(g)
         if self.warm_start is not None and x0 is None:
             x0 = self.warm_start.guess(g)
-        with warnings.catch_warnings():          # reported once below, with the estimator's name
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            if self.mixed_precision is not None:
-                low = lin.cast(self.mixed_precision)
-                P = None if preconditioner is None else \
-                    (lambda v: preconditioner(v.to(g.dtype)).to(self.mixed_precision))
-                sol, low_vjps = refine(solver, lin.JT, low.JT, g, tol=solver.tol, low=self.mixed_precision,
-                                       max_refinements=self.max_refinements, x0=x0, preconditioner=P,
-                                       MT_low=low.J if self.solver == "cg_normal" else None)
-                record.low_precision_vjps += low_vjps
-            else:
-                MT = lin.J if self.solver == "cg_normal" else None
-                sol = solver.solve(lin.JT, g, x0=x0, MT=MT, preconditioner=preconditioner, throw=False)
+        operators = {}
+        if solver.lowers_precision:             # products in the lower dtype: the step linearised in it
+            low = lin.cast(solver.dtype)
+            operators = {"M_low": low.JT, "MT_low": low.J if solver.needs_transpose else None}
+        MT = lin.J if solver.needs_transpose and not solver.lowers_precision else None
+        sol = solver.compute(lin.JT, g, x0=x0, MT=MT, preconditioner=preconditioner, state=self.recycle,
+                             **operators)
+        record.low_precision_vjps += sol.low_precision_matvecs
         record.solves.append(sol)
-        if bool(torch.as_tensor(sol.diverged).any()):
-            raise DivergenceError(f"{name}: {sol.message}")
-        if self.warm_start is not None:
+        if self.warm_start is not None and not bool(sol.diverged.any()):
             self.warm_start.store(sol.u, sol.converged)
-        if not bool(torch.as_tensor(sol.converged).all()):
-            msg = f"{name}: adjoint solve did not converge: {sol.message}"
-            record.messages.append(msg)
-            if self.throw:
-                raise ConvergenceError(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+        if bool(sol.diverged.any()):
+            message = f"{name}: {sol.message}"
+        else:
+            message = f"{name}: adjoint solve did not converge: {sol.message}"
+            if not bool(sol.converged.all()):
+                record.messages.append(message)
+        report(sol, message=message, throw=self.throw, raise_diverged=True)
         return sol.u

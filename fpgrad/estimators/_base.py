@@ -1,80 +1,14 @@
-"""What every gradient estimator shares: its cost record, its result type and the linearised step."""
+"""What every gradient estimator shares: the linearised step and the Estimator base (the cost record and the
+result type, Cost / CostRecord / Gradient, live in fpgrad.results and are re-exported here)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..results import Cost, CostRecord, Gradient
 
-@dataclass
-class CostRecord:
-    """Work done by a forward solve and an estimator, accumulated while it runs.
-
-    vjps / jvps: vector-Jacobian / Jacobian-vector products with the step (a batched call counts one).
-    forward_steps: step evaluations without the tape; backward_steps: step evaluations on the tape.
-    bytes_saved: bytes held for backward (measured by fpgrad.gradient with saved-tensor hooks).
-    A caller owns this object and passes it in (`fixed_point(..., record=CostRecord())`).
-    """
-
-    vjps: int = 0
-    jvps: int = 0
-    forward_steps: int = 0
-    backward_steps: int = 0
-    bytes_saved: int = 0
-    seconds: float = 0.0
-    low_precision_vjps: int = 0                      # of the vjps, those in a lower dtype (mixed precision)
-    forward: list = field(default_factory=list)      # FixedPoint results of the forward solves
-    solves: list = field(default_factory=list)       # LinearSolution results of the adjoint solves
-    series: list = field(default_factory=list)       # SeriesResidual of the truncated series (Neumann, Phantom)
-    messages: list = field(default_factory=list)
-
-    def snapshot(self) -> Cost:
-        return Cost(self.vjps, self.jvps, self.forward_steps, self.backward_steps, self.bytes_saved, self.seconds)
-
-
-@dataclass(frozen=True)
-class Cost:
-    """The cost of one gradient: see CostRecord for the fields."""
-
-    vjps: int = 0
-    jvps: int = 0
-    forward_steps: int = 0
-    backward_steps: int = 0
-    bytes_saved: int = 0
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"vjps": self.vjps, "jvps": self.jvps, "forward_steps": self.forward_steps,
-                "backward_steps": self.backward_steps, "bytes_saved": self.bytes_saved, "seconds": self.seconds}
-
-
-@dataclass(frozen=True)
-class Gradient:
-    """Result of fpgrad.gradient: gradients of the loss at the (approximate) fixed point.
-
-    params: dict like the map's params; x: gradient w.r.t. the inputs; z: the state the loss saw;
-    loss: its value; cost: work done; forward: the forward solve (FixedPoint) if one ran;
-    solve: the adjoint linear solve (LinearSolution) for Implicit; series: for Neumann and Phantom, the
-    residual their truncated series leaves in the adjoint system (SeriesResidual).
-    """
-
-    params: dict[str, Tensor]
-    x: Tensor | None
-    z: Tensor
-    loss: Tensor
-    cost: Cost
-    estimator: str
-    forward: Any = None
-    solve: Any = None
-    z0: Tensor | None = None
-    series: Any = None
-
-    def flat(self) -> Tensor:
-        """All parameter gradients concatenated in key order (for errors and cosines)."""
-        return torch.cat([self.params[k].reshape(-1) for k in sorted(self.params)])
+__all__ = ["Cost", "CostRecord", "Estimator", "Gradient", "Linearisation"]
 
 
 # The step linearised at z* (J^T v, J v, pullback, cast): one object shared with fpgrad.spectral and the benchmarks.
@@ -173,16 +107,4 @@ class Estimator:
 
     def describe(self) -> str:
         """A short readable label, e.g. 'Neumann(5)', 'Implicit(gmres)', 'OneStep(ST)' (default: the repr)."""
-        label = _ADJOINT_LABELS.get((type(self).__module__, type(self).__name__))
-        return label(self) if label is not None else repr(self)
-
-
-# Transitional: the labels of the estimators in fpgrad/estimators/_adjoint.py, until that module defines their
-# describe() methods (same strings; asked of its owner). Keyed on module and class, so no other class gets them.
-_ADJOINT_LABELS = {
-    ("fpgrad.estimators._adjoint", "Implicit"): lambda e: (
-        f"Implicit({getattr(e.solver, 'name', e.solver)})" if e.tol is None
-        else f"Implicit({getattr(e.solver, 'name', e.solver)}, tol={e.tol:g})"),
-    ("fpgrad.estimators._adjoint", "Neumann"): lambda e: f"Neumann({e.k})",
-    ("fpgrad.estimators._adjoint", "Phantom"): lambda e: f"Phantom({e.k}, {e.tau:g})",
-}
+        return repr(self)

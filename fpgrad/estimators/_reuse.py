@@ -1,4 +1,5 @@
-"""Reuse for exact adjoint solves: warm starts the caller owns, and mixed-precision iterative refinement.
+"""Reuse for exact adjoint solves: warm starts the caller owns (mixed-precision refinement is the linear solver
+fpgrad.linsolve.MixedPrecision; `inner_tolerance` is re-exported from there).
 
 Everything that carries state from one solve to the next lives in an object the caller creates and passes in
 (`Implicit(warm_start=WarmStart())`); nothing is kept in module state.
@@ -6,15 +7,16 @@ Everything that carries state from one solve to the next lives in an object the 
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
-from dataclasses import replace
 from typing import Hashable, Iterable
 
 import torch
 from torch import Tensor
 
-from ..errors import DTypeError, ShapeError
+from ..errors import ShapeError
+from ..linsolve._mixed import inner_tolerance
+
+__all__ = ["WarmStart", "inner_tolerance"]
 
 
 class WarmStart:
@@ -121,94 +123,3 @@ class WarmStart:
     def __repr__(self) -> str:
         return (f"WarmStart(capacity={self.capacity}, adjoints={len(self._adjoints)}, states={len(self._states)}, "
                 f"hits={self.hits}, misses={self.misses})")
-
-
-def inner_tolerance(dtype: torch.dtype) -> float:
-    """The residual reduction asked of one low-precision inner solve: 1e-4 in float32, 1e-2 in (b)float16."""
-    return 1e-4 if dtype == torch.float32 else 1e-2
-
-
-def refine(solver, JT_high, JT_low, g: Tensor, *, tol: float, low: torch.dtype, max_refinements: int,
-           x0: Tensor | None = None, preconditioner=None, MT_low=None):
-    """Mixed-precision iterative refinement of (I - J^T) u = g:
-
-        r = g - (I - J^T) u     in g's dtype (one VJP)
-        (I - J^T) d = r         solved in `low` to a relative residual inner_tolerance(low)
-        u <- u + d
-
-    until ||r|| <= tol ||g||: the accuracy reached is the high-precision residual, measured, never assumed.
-    The solver's max_iter bounds the iterations of all inner solves together.
-    Returns (a LinearSolution in g's dtype whose matvecs count every VJP, low and high, and whose residuals are
-    the high-precision residual after each refinement; the number of low-precision VJPs among them).
-    """
-    from ..linsolve import LinearSolution
-
-    if torch.finfo(low).eps <= torch.finfo(g.dtype).eps:
-        raise DTypeError(f"mixed_precision={low} is not lower precision than the state's dtype {g.dtype}; use a "
-                         "lower dtype (torch.float32 for a float64 map) or mixed_precision=None")
-    B = g.shape[0]
-    gnorm = g.norm(dim=1)
-    scale = torch.where(gnorm == 0, torch.ones_like(gnorm), gnorm)
-    high = low_vjps = refinements = 0
-    u = torch.zeros_like(g)
-    r = g.clone()
-    if x0 is not None:                                    # a guess worse than zero is dropped, as in linsolve
-        high += 1
-        r0 = g - (x0 - JT_high(x0))
-        worse = ~(r0.norm(dim=1) <= gnorm)
-        u = torch.where(worse.unsqueeze(1), u, x0)
-        r = torch.where(worse.unsqueeze(1), r, r0)
-    rows = []
-    diverged = torch.zeros(B, dtype=torch.bool, device=g.device)
-    iterations = torch.zeros(B, dtype=torch.long, device=g.device)
-    left = solver.max_iter                                # shared by all inner solves
-    while True:
-        rel = r.norm(dim=1) / scale
-        rows.append(rel)
-        converged = rel <= tol
-        if not bool(torch.isfinite(rel).all()):
-            diverged = ~torch.isfinite(rel)
-            break
-        left = solver.max_iter - int(iterations.max())
-        if bool(converged.all()) or refinements >= max_refinements or left <= 0:
-            break
-        if len(rows) >= 3 and bool((rows[-1] > 0.5 * rows[-2])[~converged].any()):
-            break                                         # the refinement stopped contracting
-        active = ~converged
-        rn = r.norm(dim=1, keepdim=True)
-        rs = torch.where(rn == 0, torch.ones_like(rn), rn)
-        inner = replace(solver, tol=max(inner_tolerance(low), tol), max_iter=left)
-        sol = inner.solve(JT_low, (r / rs).to(low), throw=False, preconditioner=preconditioner, MT=MT_low)
-        low_vjps += sol.matvecs + sol.rmatvecs
-        iterations += sol.iterations.to(iterations.device) * active
-        if bool(sol.diverged.any()):
-            diverged = sol.diverged.to(g.device) & active
-            break
-        u = u + torch.where(active.unsqueeze(1), sol.u.to(g.dtype) * rs, torch.zeros_like(u))
-        r = g - (u - JT_high(u))
-        high += 1
-        refinements += 1
-    residuals = torch.stack(rows)
-    reached = float(residuals[-1][torch.isfinite(residuals[-1])].max()) if torch.isfinite(residuals[-1]).any() \
-        else math.nan
-    what = (f"{solver.name} in {str(low).replace('torch.', '')} with refinement in "
-            f"{str(g.dtype).replace('torch.', '')}: {refinements} refinements, {low_vjps} low-precision and "
-            f"{high} full-precision products")
-    if bool(diverged.any()):
-        message = f"{what}; diverged (non-finite or growing residual): I - J may be singular or badly conditioned"
-        u = torch.where(diverged.unsqueeze(1), torch.full_like(u, math.nan), u)
-    elif bool(converged.all()):
-        message = f"{what}; converged to {reached:.1e}"
-    elif left <= 0:
-        message = (f"{what}; reached {reached:.1e} > tol {tol:g} when the iteration budget max_iter={solver.max_iter} "
-                   "(shared by all refinements) ran out: raise max_iter or use mixed_precision=None")
-    elif refinements >= max_refinements:
-        message = (f"{what}; reached {reached:.1e} > tol {tol:g} after the maximum {max_refinements} refinements: "
-                   "raise max_refinements or use mixed_precision=None")
-    else:
-        message = (f"{what}; reached {reached:.1e} > tol {tol:g}: the refinement stopped contracting (the "
-                   "low-precision solve is too inaccurate for this system): use mixed_precision=None")
-    return LinearSolution(u=u, residuals=residuals, converged=converged & ~diverged, diverged=diverged,
-                          iterations=iterations, matvecs=low_vjps + high, rmatvecs=0,
-                          solver=f"{solver.name}+refine", message=message), low_vjps
-

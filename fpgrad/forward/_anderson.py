@@ -17,7 +17,7 @@ class Anderson(ForwardSolver):
 
     z_{t+1} = sum_i alpha_i f(z_i) over the last m iterates, alpha = argmin ||sum_i alpha_i g_i||
     subject to sum alpha = 1 (g_i = f(z_i) - z_i), solved with Tikhonov regularisation `regularization`.
-    FixedPoint.info["inverse"]: the multisecant inverse-Jacobian estimate of the last m iterates
+    FixedPoint.inverse: the multisecant inverse-Jacobian estimate of the last m iterates
     (Fang & Saad 2009), H = -I + (S + Y)(Y^T Y)^+ Y^T with H Y = S for the differences S of z and Y of g:
     a LowRankInverse of rank m - 1 (used by Implicit(precondition="forward")).
     """

@@ -3,45 +3,17 @@
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from .._checks import check_batch, check_inputs, check_step_output, sum_is_finite
-from ..errors import ConvergenceError, ConvergenceWarning, NonFiniteError
+from ..errors import NonFiniteError
+from ..results import FixedPoint, Status, report
 
-
-@dataclass(frozen=True)
-class FixedPoint:
-    """Result of a forward solve of z = f(z).
-
-    z: the state with the lowest residual found per sample (shape of z0).
-    steps: [B] step evaluations per sample (0-dim when the state was unbatched).
-    residuals: [T + 1, B] absolute residual ||f(z_t) - z_t|| per iteration (frozen once a sample stops).
-    converged: [B] bool, residual <= atol + tol * ||f(z)||.
-    """
-
-    z: Tensor
-    steps: Tensor
-    residuals: Tensor
-    converged: Tensor
-    relative_residuals: Tensor
-    method: str
-    message: str
-    evaluations: int
-    info: dict = field(default_factory=dict)
-
-    @property
-    def residual(self) -> Tensor:
-        """[B] final absolute residual of the returned z."""
-        return self.residuals[-1]
-
-    @property
-    def all_converged(self) -> bool:
-        return bool(self.converged.all())
+__all__ = ["FixedPoint", "ForwardSolver", "contraction_estimate"]
 
 
 def contraction_estimate(trace: Tensor, window: int = 10) -> Tensor:
@@ -134,9 +106,8 @@ class ForwardSolver:
         if not batched:
             result = FixedPoint(result.z[0], result.steps[0], result.residuals[:, 0], result.converged[0],
                                 result.relative_residuals[:, 0], result.method, result.message,
-                                result.evaluations, result.info)
-        self._report(result)
-        return result
+                                result.evaluations, result.info, result.status[0], result.inverse)
+        return report(result, message="fpgrad.solve: " + result.message, throw=self.throw, warn=self.warn)
 
     def _loop(self, step, params, x, z0: Tensor) -> FixedPoint:
         B = z0.shape[0]
@@ -196,8 +167,13 @@ class ForwardSolver:
             rel_trace.append(best_rel.clone())
         residuals = torch.stack(trace)
         message = self._message(residuals, converged, steps, best_rel)
+        info = self._info(state)
+        # a sample stopped at the round-off floor of its dtype stagnated; any other unconverged one hit max_iter
+        floor = (best_rel <= 1e3 * torch.finfo(best_rel.dtype).eps) & (best_rel > self.tol)
+        status = torch.where(converged, int(Status.CONVERGED),
+                             torch.where(floor, int(Status.STAGNATED), int(Status.MAX_ITER))).long()
         return FixedPoint(best_z.reshape(z0.shape), steps, residuals, converged, torch.stack(rel_trace),
-                          self.name, message, f.evaluations, self._info(state))
+                          self.name, message, f.evaluations, info, status, info.get("inverse"))
 
     def _check_finite(self, active: Tensor, it: int, *tensors: Tensor) -> None:
         """Raise if an active sample's row of any [B, n] tensor holds NaN/Inf (per-sample sums first)."""
@@ -237,11 +213,3 @@ class ForwardSolver:
                      "raise max_iter or use method='anderson' / 'broyden'")
         return (f"{self.name}: {bad.numel()} of {B} sample(s) did not converge in {self.max_iter} steps "
                 f"(worst residual {worst:.2e}, tol {self.tol:g}, atol {self.atol:g}); {cause}")
-
-    def _report(self, result: FixedPoint) -> None:
-        if bool(result.converged.all()):
-            return
-        if self.throw:
-            raise ConvergenceError("fpgrad.solve: " + result.message)
-        if self.warn:
-            warnings.warn("fpgrad.solve: " + result.message, ConvergenceWarning, stacklevel=4)

@@ -30,6 +30,8 @@ class CG(LinearSolver):
     check_symmetry: bool = True
 
     name: ClassVar[str] = "cg"
+    preconditionable: ClassVar[bool] = False   # only a symmetric positive definite P
+    symmetric_only: ClassVar[bool] = True
     fixes: ClassVar[dict] = {
         INDEFINITE: "CG needs a positive definite system: use solver='gmres' or 'cg_normal'",
         BREAKDOWN: "r^T P r <= 0: the preconditioner must be symmetric positive definite for CG",

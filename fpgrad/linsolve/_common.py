@@ -9,65 +9,26 @@ others go on.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._checks import check_finite
-from ..errors import (
-    ConvergenceError,
-    ConvergenceWarning,
-    DeviceError,
-    DivergenceError,
-    DTypeError,
-    ShapeError,
-)
+from ..errors import DeviceError, DTypeError, ShapeError, SingularSystemError  # noqa: F401  (re-exported)
+from ..results import LinearSolution, Status, report
 
 Operator = Callable[[Tensor], Tensor]
 
-# per-sample status of a run
-RUNNING, CONVERGED, MAX_ITER, STAGNATED, BREAKDOWN, NONFINITE, GROWTH, INDEFINITE, SINGULAR = range(9)
+# per-sample status of a run: the codes of fpgrad.results.Status (plain ints for torch.where)
+RUNNING, CONVERGED, MAX_ITER, STAGNATED, BREAKDOWN, NONFINITE, GROWTH, INDEFINITE, SINGULAR = (
+    int(Status.RUNNING), int(Status.CONVERGED), int(Status.MAX_ITER), int(Status.STAGNATED), int(Status.BREAKDOWN),
+    int(Status.NONFINITE), int(Status.DIVERGED), int(Status.INDEFINITE), int(Status.SINGULAR))
 DIVERGED_CODES = (NONFINITE, GROWTH, INDEFINITE, SINGULAR)
 
 GROWTH_LIMIT = 1e4        # a residual above GROWTH_LIMIT x its initial value counts as diverged
 STAGNATION = 1e-3         # a restart cycle that lowers the true residual by less than this fraction stagnated
-
-
-class SingularSystemError(ConvergenceError):
-    """I - M is singular (J has an eigenvalue 1), so (I - M) u = b has no unique solution."""
-
-
-@dataclass(frozen=True)
-class LinearSolution:
-    """Result of a batched solve of (I - M) u = b.
-
-    u: [B, n] solution (rows of diverged samples are NaN, never a plausible number).
-    residuals: [iters + 1, B] relative residual ||b - (I - M) u|| / ||b|| per iteration of the batch, row 0
-        the initial guess (recursive estimates inside Krylov cycles); a sample's entries are frozen while it
-        does not iterate, and from its last iteration on they are the true residual of the returned u.
-    converged, diverged: [B] bool.  iterations: [B] long.
-    matvecs / rmatvecs: applications of M / M^T (batched calls: VJPs / JVPs in fpgrad).
-    rejected_guess: samples whose initial guess x0 was worse than zero (they started from zero).
-    """
-
-    u: Tensor
-    residuals: Tensor
-    converged: Tensor
-    diverged: Tensor
-    iterations: Tensor
-    matvecs: int
-    rmatvecs: int
-    solver: str
-    message: str
-    rejected_guess: Tensor | None = None   # [B] bool: x0 had a larger residual than zero and was dropped
-
-    @property
-    def residual(self) -> Tensor:
-        """[B] final relative residual ||b - (I - M) u|| / ||b||."""
-        return self.residuals[-1]
 
 
 def dot(a: Tensor, b: Tensor) -> Tensor:
@@ -139,6 +100,7 @@ class _Run:
         self.rows = [self.rel]            # [B] relative residual per iteration
         self.actives: list[Tensor] = []   # [B] bool per iteration: which samples took part
         self.cache: dict = {}             # per-solver state that lives as long as the run (e.g. P^T)
+        self.state = None                 # caller-owned state handed to compute(state=...) (a RecycleSpace)
 
     # --- operators ---------------------------------------------------------------------------------------------
     def _apply(self, op: Operator, v: Tensor, what: str) -> Tensor:
@@ -235,7 +197,7 @@ class _Run:
         return (torch.stack(self.actives) * rows).amax(0)
 
     # --- result ------------------------------------------------------------------------------------------------
-    def finish(self, throw: bool) -> LinearSolution:
+    def finish(self) -> LinearSolution:
         self.flag(self.running, MAX_ITER)
         converged = self.status == CONVERGED
         iterations, last_row = self.iterations, self.last_row
@@ -246,25 +208,53 @@ class _Run:
         residuals = torch.where(after & ~diverged, self.rel, residuals)
         u = torch.where(diverged.unsqueeze(1), torch.full_like(self.u, math.nan), self.u)
         message = self.solver._message(self, residuals)
-        solution = LinearSolution(u=u, residuals=residuals, converged=converged, diverged=diverged,
-                                  iterations=iterations, matvecs=self.matvecs, rmatvecs=self.rmatvecs,
-                                  solver=self.name, message=message, rejected_guess=self.rejected_guess)
-        if not bool(converged.all()):
-            if throw:
-                if bool((self.status == SINGULAR).any()):
-                    error = SingularSystemError(message)
-                elif bool(diverged.any()):
-                    error = DivergenceError(message)
-                else:
-                    error = ConvergenceError(message)
-                error.solution = solution
-                raise error
-            warnings.warn(message, ConvergenceWarning, stacklevel=3)
-        return solution
+        return LinearSolution(u=u, residuals=residuals, converged=converged, diverged=diverged,
+                              iterations=iterations, matvecs=self.matvecs, rmatvecs=self.rmatvecs,
+                              solver=self.name, message=message, rejected_guess=self.rejected_guess,
+                              status=self.status.clone())
+
+
+class AbstractSolver:
+    """What every linear solver object offers: capability flags callers read (instead of comparing names), the
+    quiet `compute` that returns a LinearSolution with a per-sample status, and `solve`, which is `compute`
+    followed by fpgrad.results.report (warn, or raise with throw=True)."""
+
+    name: ClassVar[str] = "base"
+    preconditionable: ClassVar[bool] = True    # takes any (non-symmetric) preconditioner P ~ (I - M)^{-1}
+    needs_transpose: ClassVar[bool] = False    # needs MT = M^T (J products: JVPs in fpgrad)
+    symmetric_only: ClassVar[bool] = False     # solves symmetric positive definite systems only (checked)
+    recycles: ClassVar[bool] = False           # carries a RecycleSpace across solves (state=)
+    iterative: ClassVar[bool] = True           # max_iter bounds Krylov / series iterations (Dense: refinements)
+    lowers_precision: ClassVar[bool] = False   # runs its products in a lower dtype (MixedPrecision)
+
+    def compute(self, M: Operator, b: Tensor, *, x0: Tensor | None = None, MT: Operator | None = None,
+                preconditioner: Operator | None = None, state: Any = None) -> LinearSolution:
+        raise NotImplementedError
+
+    def solve(self, M: Operator, b: Tensor, *, x0: Tensor | None = None, MT: Operator | None = None,
+              preconditioner: Operator | None = None, throw: bool = True, state: Any = None) -> LinearSolution:
+        """Solve (I - M) u = b per sample.
+
+        M: [B, n] -> [B, n], sample i's M acting on row i only (M = J^T: a VJP). MT: M^T (a JVP).
+        x0: [B, n] initial guess (default zeros); a sample whose guess has a larger residual than zero starts
+        from zero instead (one matvec to check; flagged in `rejected_guess`).
+        preconditioner: P ~ (I - M)^{-1}, [B, n] -> [B, n].
+        state: caller-owned state the solver carries between solves (a RecycleSpace for GCRODR), else None.
+        throw: raise ConvergenceError / DivergenceError if any sample fails; else warn (ConvergenceWarning)
+        and return the flags. Rows of diverged samples are NaN in both cases.
+        """
+        solution = self.compute(M, b, x0=x0, MT=MT, preconditioner=preconditioner, state=state)
+        return report(solution, throw=throw)
+
+    def _check_state(self, state: Any) -> Any:
+        if state is not None:
+            raise TypeError(f"{self.name}: state= carries a RecycleSpace between solves, which only solver "
+                            f"'gcrodr' uses; got {type(state).__name__} for {self.name!r}")
+        return None
 
 
 @dataclass(frozen=True)
-class LinearSolver:
+class LinearSolver(AbstractSolver):
     """Base of the linear solvers of (I - M) u = b, b: [B, n].
 
     A sample stops when ||b - (I - M) u|| <= max(atol, tol ||b||). `max_iter` bounds the iterations of the
@@ -275,27 +265,21 @@ class LinearSolver:
     atol: float = 0.0
     max_iter: int = 1000
 
-    name: ClassVar[str] = "base"
     fixes: ClassVar[dict] = {}        # per-status advice replacing the generic one in _FIXES
 
-    def solve(self, M: Operator, b: Tensor, *, x0: Tensor | None = None, MT: Operator | None = None,
-              preconditioner: Operator | None = None, throw: bool = True) -> LinearSolution:
-        """Solve (I - M) u = b per sample.
-
-        M: [B, n] -> [B, n], sample i's M acting on row i only (M = J^T: a VJP). MT: M^T (a JVP).
-        x0: [B, n] initial guess (default zeros); a sample whose guess has a larger residual than zero starts
-        from zero instead (one matvec to check; flagged in `rejected_guess`).
-        preconditioner: P ~ (I - M)^{-1}, [B, n] -> [B, n].
-        throw: raise ConvergenceError / DivergenceError if any sample fails; else warn (ConvergenceWarning)
-        and return the flags. Rows of diverged samples are NaN in both cases.
-        """
+    def compute(self, M: Operator, b: Tensor, *, x0: Tensor | None = None, MT: Operator | None = None,
+                preconditioner: Operator | None = None, state: Any = None) -> LinearSolution:
+        """`solve` without the report: the LinearSolution carries each sample's status and nothing warns (bad
+        inputs still raise)."""
         self._check_config()
         self._check_inputs(M, b, x0, MT)
+        state = self._check_state(state)
         with torch.no_grad():
             run = _Run(self, M, MT, preconditioner, b.detach(), None if x0 is None else x0.detach())
+            run.state = state
             if bool(run.running.any()) and run.budget > 0:
                 self._iterate(run)
-        return run.finish(throw)
+        return run.finish()
 
     # --- the per-solver piece --------------------------------------------------------------------------------
     def _iterate(self, run: _Run) -> None:

@@ -34,6 +34,8 @@ class Dense(LinearSolver):
     chunk_size: int = 16
 
     name: ClassVar[str] = "dense"
+    preconditionable: ClassVar[bool] = False   # the preconditioner is not used
+    iterative: ClassVar[bool] = False          # max_iter counts LU refinement solves
     fixes: ClassVar[dict] = {
         MAX_ITER: "I - J is badly conditioned (J has an eigenvalue near 1): use float64 or loosen tol",
         STAGNATED: "I - J is badly conditioned (J has an eigenvalue near 1): use float64 or loosen tol",

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ._common import DIVERGED_CODES, MAX_ITER, STAGNATED, LinearSolver, Operator, _Run, safe
+from ._common import DIVERGED_CODES, MAX_ITER, STAGNATED, LinearSolver, _Run, safe
 from ._gmres import INITIAL_CAPACITY, givens_column, least_squares, orthogonalise
 from ._recycle import RecycleSpace
 
@@ -25,7 +25,9 @@ class GCRODR(LinearSolver):
     With a space holding U, a solve first computes C = A U: k matvecs (counted in `matvecs`), and its first
     iteration is the projection. max_iter counts iterations (Arnoldi steps and that projection); the residual
     checks at the end of each cycle and the k matvecs for C are matvecs outside it.
-    space: a RecycleSpace(k) the caller owns (None: recycle only across the restarts of one solve).
+    space: a RecycleSpace(k) the caller owns (None: recycle only across the restarts of one solve); a handle,
+    left out of equality and hash. `solve(..., state=space)` / `compute(..., state=space)` passes it per solve
+    instead (and wins over the field).
     """
 
     restart: int = 30
@@ -33,6 +35,7 @@ class GCRODR(LinearSolver):
     space: RecycleSpace | None = field(default=None, compare=False, hash=False)
 
     name: ClassVar[str] = "gcrodr"
+    recycles: ClassVar[bool] = True
     fixes: ClassVar[dict] = {
         MAX_ITER: "raise max_iter, raise restart (now {restart}) or k (now {k}), or pass a preconditioner",
         STAGNATED: "raise restart (now {restart}) or k (now {k}) or pass a preconditioner; or {precision}",
@@ -45,20 +48,23 @@ class GCRODR(LinearSolver):
         if self.restart <= self.k:
             raise ValueError(f"gcrodr: restart ({self.restart}) must exceed k ({self.k}): a cycle holds the k recycled "
                              f"directions and restart - k Arnoldi vectors")
-        if self.space is not None:
-            if not isinstance(self.space, RecycleSpace):
-                raise TypeError(f"gcrodr: space must be a RecycleSpace, got {type(self.space).__name__}")
-            if self.space.k != self.k:
-                raise ValueError(f"gcrodr: the RecycleSpace holds k={self.space.k} directions but the solver recycles "
-                                 f"k={self.k}: pass GCRODR(k={self.space.k}, ...) or RecycleSpace(k={self.k})")
+        self._check_state(None)
 
-    def _check_inputs(self, M: Operator, b: Tensor, x0: Tensor | None, MT: Operator | None) -> None:
-        super()._check_inputs(M, b, x0, MT)
-        if self.space is not None:
-            self.space.check(b, self.name)
+    def _check_state(self, state):
+        """The RecycleSpace of this solve: `state` if given, else the `space` handle (validated)."""
+        space = self.space if state is None else state
+        if space is not None:
+            if not isinstance(space, RecycleSpace):
+                raise TypeError(f"gcrodr: space must be a RecycleSpace, got {type(space).__name__}")
+            if space.k != self.k:
+                raise ValueError(f"gcrodr: the RecycleSpace holds k={space.k} directions but the solver recycles "
+                                 f"k={self.k}: pass GCRODR(k={space.k}, ...) or RecycleSpace(k={self.k})")
+        return space
 
     # --- the run -----------------------------------------------------------------------------------------------
     def _iterate(self, run: _Run) -> None:
+        if run.state is not None:
+            run.state.check(run.b, self.name)
         state = _Recycling.start(self, run)
         run.cache["recycle"] = state
         super()._iterate(run)
@@ -66,11 +72,11 @@ class GCRODR(LinearSolver):
         if state.columns:
             notes.append(f"recycled {state.columns} directions ({state.matvecs} of the {run.matvecs} matvecs "
                          "computed (I - M) U)")
-        if self.space is not None:
+        if run.state is not None:
             diverged = torch.isin(run.status, torch.tensor(DIVERGED_CODES, device=run.status.device))
             keep = (run.iterations > 0) & ~diverged & torch.isfinite(state.U).all(2).all(1)
             B, n = run.b.shape
-            self.space.store(state.U, keep, state.loaded,
+            run.state.store(state.U, keep, state.loaded,
                              {"batch": B, "n": n, "recycled": state.columns, "recycle_matvecs": state.matvecs,
                               "matvecs": run.matvecs, "iterations": int(run.iterations.max()), "note": state.note})
         run.cache["notes"] = notes
@@ -146,7 +152,7 @@ class _Recycling:
     def start(cls, solver: GCRODR, run: _Run) -> _Recycling:
         B, n = run.b.shape
         zeros = run.b.new_zeros(B, solver.k, n)
-        loaded, note = (None, None) if solver.space is None else solver.space.load(run.b)
+        loaded, note = (None, None) if run.state is None else run.state.load(run.b)
         if loaded is None:
             return cls(zeros, zeros.clone(), None, note, 0)
         members = run.running

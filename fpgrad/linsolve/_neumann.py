@@ -1,4 +1,5 @@
-"""Neumann series (Richardson iteration) for (I - M) u = b."""
+"""Neumann series (Richardson iteration) for (I - M) u = b: `NeumannSeries` (the estimator of the same idea, truncated
+at k terms, is fpgrad.estimators.Neumann)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ._common import GROWTH, MAX_ITER, NONFINITE, LinearSolver, _Run
 
 
 @dataclass(frozen=True)
-class Neumann(LinearSolver):
+class NeumannSeries(LinearSolver):
     """Neumann series iterated to tol:  u_{k+1} = u_k + P (b - (I - M) u_k).
 
     Without a preconditioner this is u_{k+1} = b + M u_k, the partial sums of sum_k M^k b: it converges iff

@@ -43,6 +43,7 @@ class NormalCG(LinearSolver):
     """
 
     name: ClassVar[str] = "cg_normal"
+    needs_transpose: ClassVar[bool] = True
     fixes: ClassVar[dict] = {
         MAX_ITER: "CG on the normal equations converges at the rate of cond(I - J)^2: raise max_iter, pass a "
                   "preconditioner, or use solver='gmres'",
