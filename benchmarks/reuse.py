@@ -294,7 +294,7 @@ def memory_check(system: System, forward, z0: Tensor, max_iter: int) -> dict[str
         fp = forward.solve(system.step, system.params, system.x, z0)
     other = System(system.step, system.params, system.x, fp, system.g, system.ids, system.u_ref, system.tol)
     out: dict[str, Any] = {"memory": forward.memory, "forward_steps": int(fp.steps.max()),
-                           "inverse_rank": int(fp.info["inverse"].U.shape[-1])}
+                           "inverse_rank": int(fp.inverse.U.shape[-1])}
     for s in (Strategy("cold gmres"), Strategy("shine precondition", {"precondition": "forward"})):
         out[s.name] = run_strategy(s, {}, other, max_iter)
     return out
@@ -309,7 +309,7 @@ def step_entry(step: int, ids: list[int], measured: bool, loss: float, system: S
             "revisit_residual": revisit, "forward_steps": fp.steps.tolist(),
             "forward_converged": bool(fp.converged.all()),
             "forward_relative_residual": float(fp.relative_residuals[-1].max()), "forward_seconds": forward_seconds,
-            "inverse_rank": int(fp.info["inverse"].U.shape[-1]) if "inverse" in fp.info else None}
+            "inverse_rank": int(fp.inverse.U.shape[-1]) if fp.inverse is not None else None}
 
 
 def relative_change(before: list[Tensor], after: list[Tensor]) -> float:

@@ -1,9 +1,10 @@
 """fpgrad: gradients of maps iterated to a fixed point (slot attention and friends), and their diagnostics."""
 
-from . import compare, errors, estimators, forward, linsolve, maps, nn, spectral
+from . import compare, contraction, errors, estimators, forward, linsolve, maps, nn, results, spectral
 from ._gradient import gradient
 from .autograd import fixed_point
 from .forward import FixedPoint, solve
+from .results import Status
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'fpgrad' has no attribute {name!r}")
 
 
-__all__ = ["FixedPoint", "compare", "errors", "estimators", "fixed_point", "forward", "gradient", "linsolve",
-           "maps", "nn", "report", "solve", "spectral", "__version__"]
+__all__ = ["FixedPoint", "Status", "compare", "contraction", "errors", "estimators", "fixed_point", "forward",
+           "gradient", "linsolve", "maps", "nn", "report", "results", "solve", "spectral", "__version__"]

@@ -14,6 +14,7 @@ from .errors import ShapeError
 from .estimators import CostRecord, Estimator, Gradient, Implicit, get_estimator
 from .forward import ForwardSolver, get_forward, is_batched
 from .maps import Map
+from .results import report
 
 
 class SavedBytes:
@@ -47,7 +48,7 @@ class SavedBytes:
 def gradient(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
              estimator: Union[Estimator, str, None] = None, z0: Tensor | None = None,
              forward: Union[str, ForwardSolver, None] = None, *,
-             generator: torch.Generator | None = None) -> Gradient:
+             generator: torch.Generator | None = None, throw: bool = False) -> Gradient:
     """Gradients of loss_fn(z*) for the map's params and x, by `estimator` (default Implicit()).
 
     z* solves z = m.step(m.params, z, x) from z0 (default m.init_state(x, generator), built inside the
@@ -55,6 +56,8 @@ def gradient(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
     straight-through OneStep, give the initialisation parameters their gradient).
     loss_fn(z) -> scalar. Returns Gradient(params, x, z, loss, cost, ...). A reference estimator
     (`estimator.is_reference`, FiniteDifference) computes the whole Gradient itself (`estimator.compute`).
+    throw: raise ConvergenceError (DivergenceError, SingularSystemError) when the forward solve, the adjoint
+    solve or the series did not succeed, instead of the warning (the result carries `.status` either way).
     """
     est = Implicit() if estimator is None else get_estimator(estimator)
     if est.is_reference:                 # a reference (FiniteDifference) computes the whole gradient itself
@@ -87,5 +90,6 @@ def gradient(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
     fp = record.forward[-1] if record.forward else None
     sol = record.solves[-1] if record.solves else None
     series = record.series[-1] if record.series else None
-    return Gradient(grad_params, out[-1].detach(), z.detach(), loss.detach(), record.snapshot(), est.name,
-                    forward=fp, solve=sol, z0=z0_.detach(), series=series)
+    result = Gradient(grad_params, out[-1].detach(), z.detach(), loss.detach(), record.snapshot(), est.name,
+                      forward=fp, solve=sol, z0=z0_.detach(), series=series)
+    return report(result, throw=True, warn=False) if throw else result

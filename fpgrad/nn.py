@@ -93,20 +93,13 @@ class ImplicitSlotAttention(nn.Module):
 
     def save_checkpoint(self, path) -> None:
         """Save config + state_dict (atomically), loadable with `ImplicitSlotAttention.load_checkpoint`."""
-        import os
-        import tempfile
-        from pathlib import Path
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"kind": "fpgrad.ImplicitSlotAttention", "config": self.config(),
-                        "state_dict": self.state_dict()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        import io
+
+        from ._io import atomic_write_bytes
+        buffer = io.BytesIO()
+        torch.save({"kind": "fpgrad.ImplicitSlotAttention", "config": self.config(),
+                    "state_dict": self.state_dict()}, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
     def load_checkpoint(cls, path, map_location=None) -> ImplicitSlotAttention:

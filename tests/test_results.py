@@ -175,3 +175,18 @@ def test_a_user_filter_of_error_raises_the_warning():
         warnings.simplefilter("error", ConvergenceWarning)
         with pytest.raises(ConvergenceWarning, match="did not converge"):
             fpgrad.solve(m, x, method="iterate", max_iter=2)
+
+
+def test_gradient_throw_raises_on_an_unconverged_adjoint_and_carries_the_result():
+    import fpgrad
+    from fpgrad.errors import ConvergenceError
+    from fpgrad.estimators import Implicit
+
+    m = fpgrad.maps.tanh_rnn(n=16, spectral_radius=0.99, seed=0, dtype=torch.float64)
+    x = torch.randn(2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    est = Implicit(solver="gmres", tol=1e-14, max_iter=2)
+    with pytest.raises(ConvergenceError) as info:
+        fpgrad.gradient(m, x, lambda z: z.sum(), estimator=est, throw=True)
+    assert info.value.solution.solve is not None and not bool(info.value.solution.solve.converged.all())
+    g = fpgrad.gradient(m, x, lambda z: z.sum(), estimator=Implicit(solver="dense"), throw=True)
+    assert g.ok

@@ -112,7 +112,7 @@ def test_forward_inverse_estimate_satisfies_the_secant_equations():
 
     object.__setattr__(fw, "_info", spy)
     fp = fw.solve(m.step, m.params, x, m.init_state(x, None))
-    inv = fp.info["inverse"]
+    inv = fp.inverse
     X, F = state["X"], state["F"]
     last = (state["count"] - 1) % fw.memory
     others = [i for i in range(fw.memory) if i != last]

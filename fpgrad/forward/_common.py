@@ -173,7 +173,7 @@ class ForwardSolver:
         status = torch.where(converged, int(Status.CONVERGED),
                              torch.where(floor, int(Status.STAGNATED), int(Status.MAX_ITER))).long()
         return FixedPoint(best_z.reshape(z0.shape), steps, residuals, converged, torch.stack(rel_trace),
-                          self.name, message, f.evaluations, info, status, info.get("inverse"))
+                          self.name, message, f.evaluations, info, status, info.pop("inverse", None))
 
     def _check_finite(self, active: Tensor, it: int, *tensors: Tensor) -> None:
         """Raise if an active sample's row of any [B, n] tensor holds NaN/Inf (per-sample sums first)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceWarning
+from ..results import warn
 from ._operator import JacobianOperator, Meter, make_generator, resolve_method, resolve_operator, work_dtype
 
 DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
@@ -170,8 +170,8 @@ def eigenvalues(m, x: Tensor | None = None, z: Tensor | None = None, k: int | No
                                                           generator=make_generator(generator, seed), notes=notes)
         complete = False
         if not bool(converged.all()):
-            warnings.warn("fpgrad.spectral.eigenvalues: Arnoldi did not converge for every sample: "
+            warn("fpgrad.spectral.eigenvalues: Arnoldi did not converge for every sample: "
                           + "; ".join(notes) + ". Raise max_iter or ncv, loosen tol, or use method='dense'",
-                          ConvergenceWarning, stacklevel=2)
+                          ConvergenceWarning)
     jvps, vjps, seconds = meter.done()
     return Eigenvalues(J._out(values), J._out(resid), J._out(converged), complete, method, jvps, vjps, seconds, notes)

@@ -4,7 +4,6 @@ measurements' small shared helpers."""
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Callable, Mapping
 
 import torch
@@ -14,6 +13,7 @@ from .._checks import check_batch, check_inputs
 from ..errors import ConvergenceWarning
 from ..estimators._base import CostRecord
 from ..jacobian import Jacobian
+from ..results import warn
 
 # The products with J were counted in a ProductCount of their own; they are now counted in the CostRecord the
 # estimators use (same `jvps` / `vjps` fields): the old name stays for callers that build one.
@@ -63,11 +63,11 @@ def warn_if_not_fixed_point(J: Jacobian, rtol: float, stacklevel: int = 2) -> No
     if bad:
         worst = float(rel.max())
         where = f" in sample(s) {bad[:10]}{' ...' if len(bad) > 10 else ''}" if J.batched else ""
-        warnings.warn(
+        warn(
             f"fpgrad.spectral: z is not a fixed point of '{J.name}' (relative residual ||f(z) - z|| / ||f(z)|| "
             f"up to {worst:.2e}{where}, above {rtol:g}); the Jacobian is measured away from z*. Solve first "
             "(fpgrad.solve, or pass z=None to analyze), or pass check_fixed_point=False to measure J at this z "
-            "on purpose", ConvergenceWarning, stacklevel=stacklevel + 1)
+            "on purpose", ConvergenceWarning)
 
 
 def resolve_operator(m, x, z, params, where: str, *, jvp: str = "auto", check_fixed_point: bool = True,

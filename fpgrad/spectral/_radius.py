@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -10,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceWarning
+from ..results import warn
 from ._eigen import DEFAULT_TOL, arnoldi_eigenvalues, dense_eigenvalues
 from ._operator import Meter, make_generator, resolve_method, resolve_operator
 from ._power import power_iteration
@@ -107,9 +107,9 @@ def spectral_radius_estimate(m, x: Tensor | None = None, z: Tensor | None = None
                 products[b] += J.count.jvps - before
             notes.append(f"sample(s) {failed[:10]}: Arnoldi did not converge; their values come from the power "
                          "method (see uncertainty)")
-            warnings.warn(f"{where}: Arnoldi did not converge for sample(s) {failed[:10]}: " + "; ".join(notes)
+            warn(f"{where}: Arnoldi did not converge for sample(s) {failed[:10]}: " + "; ".join(notes)
                           + ". Raise max_iter, loosen tol, or use method='dense' (small n)",
-                          ConvergenceWarning, stacklevel=3)
+                          ConvergenceWarning)
     else:
         tol = POWER_TOL.get(J.dtype, 1e-5) if tol is None else tol
         max_iter = 1000 if max_iter is None else max_iter
@@ -121,10 +121,10 @@ def spectral_radius_estimate(m, x: Tensor | None = None, z: Tensor | None = None
             bad = (~converged).nonzero().reshape(-1).tolist()
             notes.append(f"power iteration did not reach tol={tol:g} in {max_iter} iterations for sample(s) "
                          f"{bad[:10]}")
-            warnings.warn(f"{where}: power iteration did not reach tol={tol:g} in {max_iter} iterations for "
+            warn(f"{where}: power iteration did not reach tol={tol:g} in {max_iter} iterations for "
                           f"sample(s) {bad[:10]} (the two largest |eigenvalues| may be close); the estimate "
                           "carries its uncertainty. Raise max_iter or window, or use method='arnoldi'",
-                          ConvergenceWarning, stacklevel=3)
+                          ConvergenceWarning)
     value = lam.abs().to(torch.float64)
     scale = value.clamp_min(torch.finfo(torch.float64).tiny)
     complex_pair = lam.imag.abs() > 1e-6 * scale + unc.to(torch.float64)

@@ -3,7 +3,6 @@ sets the conditioning of the adjoint solve (I - J^T) u = g)."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceWarning
+from ..results import warn
 from ._operator import JacobianOperator, Meter, make_generator, resolve_method, resolve_operator, work_dtype
 
 DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
@@ -146,8 +146,8 @@ def singular_values(m, x: Tensor | None = None, z: Tensor | None = None, k: int 
         values, converged = lanczos_singular_values(J, k, of, which, tol=tol, max_iter=max_iter, ncv=ncv,
                                                     generator=make_generator(generator, seed), notes=notes)
         if not bool(converged.all()):
-            warnings.warn(f"{where}: Lanczos did not converge for every sample: " + "; ".join(notes)
+            warn(f"{where}: Lanczos did not converge for every sample: " + "; ".join(notes)
                           + ". Raise max_iter or ncv, loosen tol, or use method='dense'",
-                          ConvergenceWarning, stacklevel=2)
+                          ConvergenceWarning)
     jvps, vjps, seconds = meter.done()
     return SingularValues(J._out(values), of, which, J._out(converged), method, jvps, vjps, seconds, notes)
