@@ -51,13 +51,21 @@ def check_inputs(params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, *,
             raise DTypeError(f"{where}: {name} has dtype {t.dtype} but z has {z.dtype}; "
                              f"cast them to one dtype (e.g. tensor.to({z.dtype}))")
     if check_values:
-        floats = [(name, t) for name, t in named if t.is_floating_point() or t.is_complex()]
+        # values are checked where they can be read: a tensor under torch.func.vmap/grad is a wrapper whose values
+        # would need data-dependent control flow (vmap refuses it); the unwrapped call checks them
+        floats = [(name, t) for name, t in named
+                  if (t.is_floating_point() or t.is_complex()) and not _is_transformed(t) and t.device.type != "meta"]
         if floats:
             finite = torch.stack([sum_is_finite(t) for _, t in floats])
             if not bool(finite.all()):                 # a NaN/Inf, or a sum that overflowed: look closer
                 for (name, t), ok in zip(floats, finite.tolist()):
                     if not ok:
                         check_finite(t, f"{where}: {name}")
+
+
+def _is_transformed(t: Tensor) -> bool:
+    """t is a torch.func (vmap / grad / jvp) wrapper, whose values cannot steer Python control flow."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def check_batch(z: Tensor, x: Tensor | None, where: str = "fpgrad") -> None:
