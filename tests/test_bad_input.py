@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fpgrad
-from fpgrad.errors import ConvergenceWarning, DTypeError, ShapeError
+from fpgrad.errors import ConvergenceWarning, ShapeError
 from fpgrad.estimators import Neumann
 
 
