@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fpgrad
-from fpgrad.errors import ConvergenceWarning, ShapeError
+from fpgrad.errors import ConvergenceWarning, DeviceError, DTypeError, ShapeError
 from fpgrad.estimators import Neumann
 
 
@@ -64,7 +64,44 @@ def test_state_of_the_wrong_feature_size_is_a_named_shape_error():
                            torch.zeros(2, 5, dtype=torch.float64))
 
 
-def test_meta_tensors_are_not_read_by_the_input_checks():
+def test_meta_tensors_are_a_named_device_error():
+    m = fpgrad.maps.linear(0.5 * torch.eye(3), torch.eye(3)).to(device="meta")
+    with pytest.raises(DeviceError, match="meta tensor .*no values"):
+        fpgrad.solve(m, torch.zeros(2, 3, device="meta"), z0=torch.zeros(2, 3, device="meta"))
+
+
+def test_integer_params_are_a_named_dtype_error():
+    m = fpgrad.maps.linear(torch.eye(3, dtype=torch.long), torch.eye(3))
+    with pytest.raises(DTypeError, match=r"params\['A'\] has dtype torch.int64; parameters .* must be floating"):
+        fpgrad.solve(m, torch.zeros(2, 3), z0=torch.zeros(2, 3))
+
+
+def test_params_checked_under_vmap_without_reading_their_values():
+    """check_inputs under torch.func.vmap: dtypes and devices are still checked, values are left to the solve."""
     from fpgrad._checks import check_inputs
-    z = torch.zeros(2, 3, device="meta")
-    check_inputs({"w": torch.zeros(3, device="meta")}, z, torch.zeros(2, 3, device="meta"))   # no raw error
+    z = torch.zeros(2, 3, dtype=torch.float64)
+
+    def checked(w):
+        check_inputs({"w": w}, z, z)
+        return w
+
+    torch.func.vmap(checked)(torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(DTypeError, match=r"params\['w'\] has dtype torch.float32"):
+        torch.func.vmap(checked)(torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("x,z,error,match", [
+    (torch.zeros(2, 4), torch.zeros(2, 3), ShapeError, r"mat1 and mat2.*x \(2, 4\) float32"),
+    (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), DTypeError, r"x \(2, 3\) int64"),
+])
+def test_a_step_that_fails_on_its_first_call_names_the_shapes_and_dtypes(x, z, error, match):
+    from fpgrad._checks import call_step
+    m = fpgrad.maps.linear(0.5 * torch.eye(3), torch.eye(3))
+    with pytest.raises(error, match=match):
+        call_step(m.step, m.params, z, x, where="test")
+
+
+def test_call_step_checks_the_output_shape():
+    from fpgrad._checks import call_step
+    with pytest.raises(ShapeError, match=r"changed the state's shape from \(2, 3\) to \(2, 4\)"):
+        call_step(lambda p, z, x: torch.zeros(2, 4), {}, torch.zeros(2, 3), torch.zeros(2, 3))
