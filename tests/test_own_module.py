@@ -90,17 +90,6 @@ def test_training_loop_fills_the_modules_grad_with_the_functional_gradient(estim
     assert all(not torch.equal(p.detach(), before[k]) for k, p in cell.named_parameters())
 
 
-def test_detached_copies_of_the_parameters_warn_that_the_module_gets_no_grad():
-    cell = Cell()
-    m = fpgrad.maps.from_module(cell)
-    detached = {k: v.detach() for k, v in m.params.items()}
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    with pytest.warns(UserWarning, match="detached copies.*.grad at None"):
-        z = fpgrad.fixed_point(m.step, detached, x, torch.zeros(3, 6, dtype=torch.float64), backward=Unrolled(5))
-    z.sum().backward()
-    assert all(p.grad is None for p in cell.parameters())
-
-
 # ---- 3. buffers -------------------------------------------------------------------------------------
 
 class NormCell(Cell):

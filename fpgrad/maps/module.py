@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -64,15 +63,14 @@ class _ModuleStep:
     fixed: a BatchNorm in train mode (which would update its running statistics at every step) is refused, and
     any other in-place change of a buffer raises BufferMutationError naming it."""
 
-    def __init__(self, module: nn.Module, buffers: dict[str, Tensor], live: dict[str, Tensor], name: str):
-        self.module, self.buffers, self.live, self.name = module, buffers, live, name
+    def __init__(self, module: nn.Module, buffers: dict[str, Tensor], name: str):
+        self.module, self.buffers, self.name = module, buffers, name
         self._norms = [(n, sub) for n, sub in module.named_modules()
                        if isinstance(sub, nn.modules.batchnorm._NormBase) and sub.track_running_stats]
-        self._warned = False
 
     def with_buffers(self, buffers: dict[str, Tensor]) -> _ModuleStep:
         """The same step with other buffer tensors (Map.to)."""
-        return _ModuleStep(self.module, buffers, self.live, self.name)
+        return _ModuleStep(self.module, buffers, self.name)
 
     def __call__(self, params, z: Tensor, x: Tensor) -> Tensor:
         for name, sub in self._norms:
@@ -82,8 +80,6 @@ class _ModuleStep:
                     f"would update its running statistics (buffers {name + '.' if name else ''}running_mean, "
                     "running_var, num_batches_tracked) and couple the samples of a batch; call module.eval() "
                     "before building or solving the map (fpgrad holds buffers fixed)")
-        if torch.is_grad_enabled():
-            self._warn_if_detached(params)
         versions = {k: b._version for k, b in self.buffers.items()}
         try:
             out = functional_call(self.module, (dict(params), self.buffers), (z, x))
@@ -102,21 +98,6 @@ class _ModuleStep:
                 f"{self.name}: the step changed buffer(s) {', '.join(changed)} in place; fpgrad holds buffers "
                 "fixed during solves and gradients: call module.eval() or make forward(z, x) leave them alone")
         return out
-
-    def _warn_if_detached(self, params) -> None:
-        """Parameters that alias the module's trainable ones but cannot carry a gradient back to them."""
-        if self._warned:
-            return
-        stale = [k for k, v in params.items()
-                 if k in self.live and self.live[k].requires_grad and isinstance(v, Tensor) and v is not self.live[k]
-                 and not v.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(v)
-                 and v.data_ptr() == self.live[k].data_ptr()]
-        if stale:
-            self._warned = True
-            warnings.warn(
-                f"{self.name}: parameters {', '.join(stale[:3])}{'...' if len(stale) > 3 else ''} are detached copies "
-                "of the module's: loss.backward() will leave the module's .grad at None. Pass the map's own "
-                "params (from_module keeps the module's live Parameters) to fpgrad.fixed_point", stacklevel=3)
 
 
 def from_module(module: nn.Module, init: InitFn | None = None, event_ndim: int | None = None,
@@ -143,7 +124,7 @@ def from_module(module: nn.Module, init: InitFn | None = None, event_ndim: int |
     name = name or type(module).__name__
     params = dict(module.named_parameters())
     buffers = {k: v.detach() for k, v in module.named_buffers()}
-    step = _ModuleStep(module, buffers, params, name)
+    step = _ModuleStep(module, buffers, name)
 
     if init is None and hasattr(module, "init_state"):
         def init(p, x, generator=None):  # noqa: F811
