@@ -72,8 +72,9 @@ def check_inputs(params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, *,
 
 
 def _is_transformed(t: Tensor) -> bool:
-    """t is a torch.func (vmap / grad / jvp) wrapper, whose values cannot steer Python control flow."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    """t is a torch.func (vmap / grad / jvp) wrapper, whose values cannot steer Python control flow (never asked
+    while torch.compile traces: dynamo would skip the call and break the graph there)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def check_batch(z: Tensor, x: Tensor | None, where: str = "fpgrad") -> None:
