@@ -37,12 +37,20 @@ def check_inputs(params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, *,
     if not z.is_floating_point():
         raise DTypeError(f"{where}: z has dtype {z.dtype}; the state must be a floating tensor "
                          "(use z.float() or z.double())")
+    if z.device.type == "meta":
+        raise DeviceError(f"{where}: {z_name} is a meta tensor (shape only, no values); fpgrad's solvers stop on "
+                          "values, so give real tensors (e.g. torch.empty_like(z, device='cpu'))")
     named = [(z_name, z)]
     if x is not None:
         if not isinstance(x, Tensor):
             raise TypeError(f"{where}: x must be a torch.Tensor, got {type(x).__name__}")
         named.append((x_name, x))
     named += [(f"params['{k}']", v) for k, v in params.items()]
+    for k, v in params.items():
+        if isinstance(v, Tensor) and not (v.is_floating_point() or v.is_complex()):
+            raise DTypeError(f"{where}: params['{k}'] has dtype {v.dtype}; parameters are differentiated, so they "
+                             f"must be floating: cast it (params['{k}'].to({z.dtype})), or pass integer data "
+                             "through x or close over it in the step")
     for name, t in named:
         if t.device != z.device:
             raise DeviceError(f"{where}: {name} is on {t.device} but z is on {z.device}; "
@@ -51,7 +59,10 @@ def check_inputs(params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, *,
             raise DTypeError(f"{where}: {name} has dtype {t.dtype} but z has {z.dtype}; "
                              f"cast them to one dtype (e.g. tensor.to({z.dtype}))")
     if check_values:
-        floats = [(name, t) for name, t in named if t.is_floating_point() or t.is_complex()]
+        # values are checked where they can be read: a tensor under torch.func.vmap/grad is a wrapper whose values
+        # would need data-dependent control flow (vmap refuses it); the unwrapped call checks them
+        floats = [(name, t) for name, t in named
+                  if (t.is_floating_point() or t.is_complex()) and not _is_transformed(t) and t.device.type != "meta"]
         if floats:
             finite = torch.stack([sum_is_finite(t) for _, t in floats])
             if not bool(finite.all()):                 # a NaN/Inf, or a sum that overflowed: look closer
@@ -60,11 +71,44 @@ def check_inputs(params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, *,
                         check_finite(t, f"{where}: {name}")
 
 
+def _is_transformed(t: Tensor) -> bool:
+    """t is a torch.func (vmap / grad / jvp) wrapper, whose values cannot steer Python control flow (never asked
+    while torch.compile traces: dynamo would skip the call and break the graph there)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def check_batch(z: Tensor, x: Tensor | None, where: str = "fpgrad") -> None:
     """The leading (batch) dimension of z and x agree."""
     if x is not None and (x.dim() == 0 or x.shape[0] != z.shape[0]):
         raise ShapeError(f"{where}: x has shape {tuple(x.shape)} but z has batch size {z.shape[0]} "
                          f"(z shape {tuple(z.shape)}); x and z need the same leading batch dimension")
+
+
+_DTYPE_MESSAGE = ("scalar type", "same dtype", "dtype", "not implemented for")
+_SHAPE_MESSAGE = ("shape", "size of tensor", "mat1", "mat2", "dimension", "must match", "expand")
+
+
+def call_step(step, params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, where: str = "fpgrad") -> Tensor:
+    """step(params, z, x), with torch's shape and dtype errors from inside it named: which of z, x and the params
+    have which shapes and dtypes, and what to check (use it for a solver's first evaluation)."""
+    try:
+        out = step(params, z, x)
+    except RuntimeError as e:
+        text = str(e)
+        if any(s in text for s in _DTYPE_MESSAGE):
+            error = DTypeError
+        elif any(s in text for s in _SHAPE_MESSAGE):
+            error = ShapeError
+        else:
+            raise
+        shown = ", ".join(f"{name} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                          for name, t in [("z", z), ("x", x), *[(f"params['{k}']", v) for k, v in params.items()]]
+                          if isinstance(t, Tensor))
+        raise error(f"{where}: the step failed on its first call ({text.splitlines()[0]}); it was given {shown}. "
+                    "Check that z has the state's feature size, x the inputs' and that all are one floating "
+                    "dtype") from e
+    check_step_output(z, out, where)
+    return out
 
 
 def check_step_output(z: Tensor, z_next: Tensor, where: str = "fpgrad") -> None:

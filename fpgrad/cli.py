@@ -20,6 +20,52 @@ class UsageError(Exception):
     """A bad argument: reported as 'fpgrad: error: ...' with exit status 2."""
 
 
+class RefusedError(Exception):
+    """A run that cannot go ahead now (another run holds --out, a store line that is not a row): exit status 1."""
+
+
+# ---- the output folder ------------------------------------------------------------------------------
+
+def check_out_writable(out: Path) -> None:
+    """--out can be created and written: it is a folder or absent, and its nearest existing ancestor is a writable
+    folder. Checked before any analysis (a traceback after minutes of work is the thing to avoid)."""
+    import os
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    parent = out.resolve().parent if out.name in ("", ".", "..") else out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write in {parent} (permission denied); choose another --out")
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the `.tmp-<name>-*` folders a killed report left beside `out` and put back a `.bak-<name>-*` that a
+    kill mid-swap left in place of a missing `out`. Call only while holding the lock on `out`: no live fpgrad run
+    writes there, so every such folder older than this run belongs to a dead one. Returns what was removed."""
+    import re
+    import shutil
+    import time
+    out = out.absolute()
+    if not out.parent.is_dir():
+        return []
+    now = time.time()
+    pattern = re.compile(rf"^\.(tmp|bak)-{re.escape(out.name)}-[A-Za-z0-9_]{{8}}$")
+    removed = []
+    for entry in sorted(out.parent.iterdir(), key=lambda p: p.name):
+        match = pattern.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink() or entry.stat().st_mtime > now:
+            continue
+        if match.group(1) == "bak" and not out.exists():
+            entry.rename(out)                      # killed between moving the old report aside and the new in
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
 # ---- building the map to analyse ------------------------------------------------------------------
 
 def _torch_setup(args):
@@ -81,8 +127,9 @@ def build_target(args):
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], fpgrad.maps.Map)):
             raise UsageError(f"--map {spec}: the function must return (fpgrad.maps.Map, x), got {type(out).__name__}")
         m, x = out
-        params = {k: v.to(dtype=dtype, device=device) for k, v in m.params.items()}
-        return m.with_params(params), x.to(dtype=dtype, device=device), f"user map {spec}"
+        x = x.to(dtype=dtype if x.is_floating_point() else None, device=device)
+        m = m.to(dtype=dtype, device=device)                                # params and buffers
+        return m.with_params({k: v.detach() for k, v in m.params.items()}), x, f"user map {spec}"
     raise UsageError(f"--map {spec!r}: use 'slot-attention', 'tanh', 'module:function' or a checkpoint .pt file")
 
 
@@ -95,16 +142,26 @@ def default_estimators():
 
 
 def cmd_report_spectral(args) -> int:
+    from fpgrad.study import OutputLockedError, output_lock
+    out = Path(args.out)
+    check_out_writable(out)
+    m, x, desc = build_target(args)
+    lock = out.absolute().parent / f".{out.absolute().name}.fpgrad.lock"
+    try:
+        with output_lock(lock, f"--out {out}"):
+            remove_stale_temporaries(out)
+            return _report_spectral(args, out, m, x, desc)
+    except OutputLockedError as e:
+        raise RefusedError(str(e)) from None
+
+
+def _report_spectral(args, out: Path, m, x, desc: str) -> int:
     import torch
     from tqdm.auto import tqdm
 
     import fpgrad
     from fpgrad import compare, spectral
     from fpgrad.report import spectral_report
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
-    m, x, desc = build_target(args)
     steps = ["forward solve", "spectral analysis"] + (["estimator comparison"] if args.gradients else []) + ["report"]
     bar = tqdm(total=len(steps), desc="spectral report", unit="stage", file=sys.stderr, disable=args.quiet)
     forward = fpgrad.forward.get_forward(args.forward, tol=args.tol, max_iter=args.max_iter)
@@ -182,8 +239,12 @@ def cmd_study(args) -> int:
         executor = LocalExecutor(workers=_or(args.workers, 1))
     out = Path(args.out) if args.out else Path("reports") / study.name
     command = "fpgrad " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else None
-    run_study(study, out, quick=args.quick, seed=args.seed, executor=executor, progress=not args.quiet,
-              command=command)
+    from fpgrad.study import OutputLockedError, RowStoreError
+    try:
+        run_study(study, out, quick=args.quick, seed=args.seed, executor=executor, progress=not args.quiet,
+                  command=command)
+    except (OutputLockedError, RowStoreError) as e:
+        raise RefusedError(str(e)) from None
     print(f"wrote {out}")
     return 0
 
@@ -213,7 +274,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="reports/spectral-slot-attention", help="output folder")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu")
-    sp.add_argument("--dtype", default="float64", choices=sorted(DTYPES))
+    sp.add_argument("--dtype", default="float64", choices=sorted(DTYPES),
+                    help="dtype of the map's parameters, buffers and inputs (default float64: the spectral analysis "
+                         "and the gradient reference need its precision; float32 reaches a round-off floor near "
+                         "1e-6 that tolerances must respect)")
     sp.add_argument("--dim", type=int, default=64, help="slot dimension (or n for --map tanh)")
     sp.add_argument("--slots", type=int, default=5)
     sp.add_argument("--inputs", type=int, default=64, help="number of input tokens N")
@@ -272,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"fpgrad: error: {e}", file=sys.stderr)
         return 2
+    except RefusedError as e:
+        print(f"fpgrad: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fpgrad: interrupted (finished study rows are kept; rerun to resume)", file=sys.stderr)
         return 130

@@ -10,13 +10,16 @@ the driver is the one writer of the store.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import importlib
 import json
 import os
 import platform
+import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -53,6 +56,66 @@ class StudyTaskError(FPGradError, RuntimeError):
         self.config = config
 
 
+class RowStoreError(FPGradError, ValueError):
+    """A line of a row store is valid JSON but not a row (names the file and the line)."""
+
+
+class OutputLockedError(FPGradError, RuntimeError):
+    """Another fpgrad run holds the output folder (its pid, host and start time are in the message)."""
+
+
+@contextlib.contextmanager
+def output_lock(lock_path: os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock (fcntl.flock on `lock_path`) for the block; a second holder gets OutputLockedError.
+
+    The lock file records pid, host and start time for the message, and is removed on exit. The OS drops the
+    lock when its process dies (even by SIGKILL), so a held lock always means a live run. No-op where fcntl
+    is missing (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(lock_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise OutputLockedError(f"{what}: another fpgrad run is writing here ({holder}); wait for it to "
+                                    f"finish or choose another --out (lock file {path})") from None
+        try:                             # the previous holder may have removed the file between open and flock
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode())
+    os.fsync(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode())
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a run that has just started"
+
+
 def config_key(config: Config) -> str:
     """A stable key of a JSON-able configuration."""
     text = json.dumps(config, sort_keys=True, default=str)
@@ -63,27 +126,51 @@ class RowStore:
     """Append-only JSON-lines store of finished rows: {"key", "config", "row"} per line.
 
     Each append is one write of a whole line, flushed and fsynced, so a killed run loses at most the row
-    being computed; a torn last line (killed mid-write) is ignored when reading.
+    being computed. Reading skips a line torn by a kill mid-write; `repair()` (run_study calls it under its
+    lock) drops such lines from the file with a warning. A valid JSON line that is not a row raises
+    RowStoreError naming the file and line.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def records(self) -> list[dict]:
+    def _scan(self) -> tuple[list[dict], list[int], list[bytes]]:
+        """(records, numbers of torn lines, raw lines)."""
         if not self.path.exists():
-            return []
-        out = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue            # a line torn by a kill: its config will simply run again
-        return out
+            return [], [], []
+        lines = self.path.read_bytes().split(b"\n")
+        out, torn = [], []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                torn.append(number)     # a line torn by a kill: its config will simply run again
+                continue
+            if not (isinstance(record, dict) and {"key", "config", "row"} <= record.keys()):
+                raise RowStoreError(f"{self.path}, line {number}: valid JSON but not a row "
+                                    f"(got {type(record).__name__}: {line[:60].decode(errors='replace')!r}); "
+                                    'each line must be {"key", "config", "row"}: remove or fix that line')
+            out.append(record)
+        return out, torn, lines
+
+    def records(self) -> list[dict]:
+        """Every stored record {"key", "config", "row"}, skipping torn lines."""
+        return self._scan()[0]
+
+    def repair(self) -> int:
+        """Drop torn lines (left by a run killed mid-write) from the file, atomically, with a warning; returns
+        how many were dropped. Call only while no one appends (run_study holds its lock)."""
+        _, torn, lines = self._scan()
+        if torn:
+            from .report._atomic import atomic_write_bytes
+            keep = [line for number, line in enumerate(lines, start=1) if number not in torn and line.strip()]
+            atomic_write_bytes(self.path, b"".join(line + b"\n" for line in keep))
+            warnings.warn(f"{self.path}: dropped {len(torn)} torn line(s) (line {', '.join(map(str, torn))}) left "
+                          "by a run killed mid-write; their configurations run again", stacklevel=2)
+        return len(torn)
 
     def done(self) -> set[str]:
         return {r["key"] for r in self.records()}
@@ -155,10 +242,22 @@ def run_study(study: Study, out_dir: os.PathLike, *, quick: bool = False, seed: 
               executor: Any | None = None, progress: bool = True, command: str | None = None,
               finalize: bool = True) -> list[Row]:
     """Run every configuration of the grid not already in `<out_dir>/rows.jsonl`, store each row as it
-    finishes, then let the study write its tables and figures. Returns the rows in grid order."""
+    finishes, then let the study write its tables and figures. Returns the rows in grid order.
+
+    Holds a lock on `out_dir` for the whole run (a second run on it raises OutputLockedError naming the holder's
+    pid, host and start time) and first drops any torn line a killed run left in the store (with a warning).
+    """
     out = Path(out_dir)
+    with output_lock(out / ".fpgrad.lock", f"study {study.name} in {out}"):
+        return _run_study_locked(study, out, quick=quick, seed=seed, executor=executor, progress=progress,
+                                 command=command, finalize=finalize)
+
+
+def _run_study_locked(study: Study, out: Path, *, quick: bool, seed: int, executor: Any | None, progress: bool,
+                      command: str | None, finalize: bool) -> list[Row]:
     configs = [{**c, "seed": c.get("seed", seed), "quick": quick} for c in study.grid(quick)]
     store = RowStore(out / "rows.jsonl")
+    store.repair()
     done = store.done()
     todo = [c for c in configs if config_key(c) not in done]
     executor = executor or LocalExecutor()

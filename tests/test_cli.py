@@ -176,3 +176,54 @@ def test_module_entry_point_and_console_script_agree():
         pytest.skip("console script not installed in this environment")
     r = subprocess.run([str(exe), "study", "--list"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == fpgrad_cli("study", "--list").stdout
+
+
+def test_help_states_the_default_dtype(capsys):
+    from fpgrad.cli import main
+    with pytest.raises(SystemExit):
+        main(["report", "spectral", "--help"])
+    assert "default float64" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_out_whose_parent_cannot_hold_it_fails_before_the_analysis(tmp_path, capsys, monkeypatch, kind):
+    import fpgrad.cli as cli
+    if kind == "file":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "rep"
+    else:
+        import os
+        if os.geteuid() == 0:
+            monkeypatch.setattr(os, "access", lambda path, mode: False)     # root may write anywhere
+        else:
+            (tmp_path / "ro").mkdir(mode=0o500)
+        out = tmp_path / "ro" / "rep"
+    monkeypatch.setattr(cli, "build_target", lambda args: pytest.fail("the analysis started"))
+    assert cli.main(["report", "spectral", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "fpgrad: error: --out" in err and ("is a file" in err or "cannot write" in err)
+
+
+def test_killed_reports_temporary_folders_are_removed_by_the_next_run(tmp_path):
+    out = tmp_path / "t"
+    stale = tmp_path / ".tmp-t-abcd1234"            # what a SIGKILL inside atomic_directory leaves behind
+    stale.mkdir()
+    (stale / "report.md").write_text("half a report")
+    other = tmp_path / ".tmp-t-x-abcd1234"          # another output's temporary folder: not ours to remove
+    other.mkdir()
+    r = fpgrad_cli("report", "spectral", "--map", "tanh", "--dim", "6", "--no-gradients", "--quiet", "--out",
+                   str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not stale.exists() and other.exists() and (out / "summary.json").exists()
+    assert not any(p.name.endswith(".fpgrad.lock") for p in tmp_path.iterdir())
+
+
+def test_a_second_report_on_one_out_is_refused_naming_the_holder(tmp_path, capsys):
+    from fpgrad.cli import main
+    from fpgrad.study import output_lock
+    out = tmp_path / "rep"
+    with output_lock(tmp_path / ".rep.fpgrad.lock", "holder"):
+        assert main(["report", "spectral", "--map", "tanh", "--dim", "6", "--no-gradients", "--quiet",
+                     "--out", str(out)]) == 1
+    import os
+    assert f"pid {os.getpid()}" in capsys.readouterr().err and not out.exists()

@@ -69,7 +69,10 @@ def test_converged_samples_do_not_drift_while_others_iterate():
     z0[1] = 1e6
     both = fpgrad.solve(m, x, z0=z0, method="iterate", tol=1e-6, max_iter=500)
     assert both.steps[0] == fast_only.steps[0] < both.steps[1]
-    assert torch.equal(both.z[0], fast_only.z[0])
+    # a batch of two against a batch of one: kernels may differ in the last bits (MKL), so round-off, not
+    # bitwise; one more step of this map would move z by ~1e-7, far above the tolerance
+    eps = torch.finfo(both.z.dtype).eps
+    torch.testing.assert_close(both.z[0], fast_only.z[0], rtol=64 * eps, atol=64 * eps)
 
 
 def test_nonconvergence_warns_with_residual_and_cause_and_throw_raises():

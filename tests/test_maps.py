@@ -137,6 +137,10 @@ def test_from_module_gives_the_modules_step_and_uses_buffers():
 
 
 def test_map_without_init_asks_for_z0():
-    m = fpgrad.maps.from_module(nn.Linear(2, 2).double(), name="lin")
+    class Step(nn.Linear):                      # forward(z, x): one step (a bare nn.Linear is refused)
+        def forward(self, z, x):
+            return super().forward(z) + x
+
+    m = fpgrad.maps.from_module(Step(2, 2).double(), name="lin")
     with pytest.raises(ValueError, match="pass z0"):
         m.init_state(torch.zeros(1, 2))

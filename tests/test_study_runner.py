@@ -82,3 +82,48 @@ def test_process_pool_executor_gives_the_same_rows(tmp_path):
     pooled = run_study(toy_study.STUDY, tmp_path / "b", quick=True, progress=False,
                        executor=LocalExecutor(workers=2))
     assert [r["value"] for r in local] == [r["value"] for r in pooled]
+
+
+def test_rerun_drops_a_torn_last_line_from_the_file_with_a_warning(tmp_path):
+    run_study(toy_study.STUDY, tmp_path, quick=True, progress=False)
+    path = tmp_path / "rows.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    with pytest.warns(UserWarning, match=r"dropped 1 torn line\(s\) \(line 6\)"):
+        rows = run_study(toy_study.STUDY, tmp_path, quick=True, progress=False)
+    assert len(rows) == 6
+    stored = path.read_text().splitlines()
+    assert len(stored) == 6 and all(isinstance(json.loads(line), dict) for line in stored)   # no torn line left
+
+
+@pytest.mark.parametrize("foreign", ["null", "[1, 2]", '{"key": "k"}'])
+def test_a_valid_json_line_that_is_not_a_row_is_named_with_file_and_line(tmp_path, foreign):
+    from fpgrad.study import RowStoreError
+    run_study(toy_study.STUDY, tmp_path, quick=True, progress=False)
+    path = tmp_path / "rows.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2] + [foreign] + lines[2:]) + "\n")
+    with pytest.raises(RowStoreError, match=r"rows\.jsonl, line 3: valid JSON but not a row"):
+        run_study(toy_study.STUDY, tmp_path, quick=True, progress=False)
+
+
+def test_second_run_on_one_out_is_refused_naming_the_holder(tmp_path):
+    from fpgrad.study import OutputLockedError
+    script = ("import sys; sys.path.insert(0, %r); import toy_study; from fpgrad.study import run_study; "
+              "run_study(toy_study.STUDY, %r, quick=False, progress=False)") % (str(Path(__file__).parent),
+                                                                               str(tmp_path / "out"))
+    env = {**os.environ, "FPGRAD_TOY_SLEEP": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        lock = tmp_path / "out" / ".fpgrad.lock"
+        deadline = time.time() + 60
+        while not (lock.exists() and lock.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(OutputLockedError, match=rf"pid {proc.pid} on host .*, started 20\d\d-"):
+            run_study(toy_study.STUDY, tmp_path / "out", quick=False, progress=False)
+    finally:
+        proc.kill()
+        proc.wait()
+    rows = run_study(toy_study.STUDY, tmp_path / "out", quick=False, progress=False)   # a SIGKILL frees the lock
+    assert len(rows) == 9 and len(RowStore(tmp_path / "out" / "rows.jsonl").records()) == 9
+    assert not (tmp_path / "out" / ".fpgrad.lock").exists()

@@ -69,10 +69,11 @@ def _record_series(name: str, terms: int, g: Tensor, u: Tensor, JTu: Tensor, rec
                f"it (Implicit() solves it to {tol:g}); a few terms cannot show whether the series converges: "
                "fpgrad.spectral.spectral_radius checks rho(J) < 1")
     record.series.append(SeriesResidual(name, residual, terms, tol, solved, message))
-    if worst > 1.0:
+    if worst >= 1.0 - 64 * torch.finfo(g.dtype).eps:       # no better than u = 0, up to round-off
         msg = (f"{name}: the truncated series leaves a relative residual of {worst:.2f}{where} in (I - J^T) u = g, "
-               "more than u = 0 does: its terms grow (rho(J) >= 1, or a non-normal J whose powers grow before they "
-               "shrink) and this gradient is unreliable: use Implicit(solver='gmres') or check "
+               "as much as or more than u = 0 does: its terms do not shrink (rho(J) >= 1, e.g. an orthogonal J, "
+               "or a non-normal J whose powers grow before they shrink) and this gradient is unreliable: use "
+               "Implicit(solver='gmres') or check "
                "fpgrad.spectral.spectral_radius")
         record.messages.append(msg)
         warn(msg)

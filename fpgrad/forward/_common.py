@@ -117,7 +117,7 @@ class ForwardSolver:
         self._check_finite(torch.ones(B, dtype=torch.bool, device=z.device), 0, fz)
         res = (fz - z).norm(dim=1)
         ref = fz.norm(dim=1)
-        converged = res <= self.atol + self.tol * ref
+        converged = (res <= self.atol + self.tol * ref) & torch.isfinite(res)   # inf <= tol * inf is no stop
         best_z, best_fz, best_res = z.clone(), fz.clone(), res.clone()
         best_rel = res / (ref + torch.finfo(z.dtype).tiny)
         steps = torch.ones(B, dtype=torch.long, device=z.device)
@@ -152,7 +152,8 @@ class ForwardSolver:
             best_res = torch.where(better, res, best_res)
             steps = steps + active.long()
             # the flag describes the returned (best) iterate, never a transient one
-            converged = converged | (active & (best_res <= self.atol + self.tol * best_fz.norm(dim=1)))
+            converged = converged | (active & (best_res <= self.atol + self.tol * best_fz.norm(dim=1))
+                                     & torch.isfinite(best_res))
             # safeguard for quasi-Newton methods: a sample whose residual blew up, or that made no progress
             # for `patience` steps, restarts from its best iterate with an empty history
             since_best = torch.where(better, torch.zeros_like(since_best), since_best + active.long())

@@ -1,0 +1,107 @@
+"""Bad input gets a named error or an honest flag, never a silent wrong number or torch's raw error."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fpgrad
+from fpgrad.errors import ConvergenceWarning, DeviceError, DTypeError, ShapeError
+from fpgrad.estimators import Neumann
+
+
+def test_huge_finite_inputs_are_not_reported_converged():
+    """float32 x scaled by 3e19: ||f(z) - z|| overflows to inf, and inf <= tol * inf must not stop the solve."""
+    m = fpgrad.maps.linear(0.5 * torch.eye(3), torch.eye(3))
+    x = torch.full((2, 3), 3e19)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sol = fpgrad.solve(m, x, z0=torch.zeros(2, 3), max_iter=5)
+    assert not bool(sol.converged.any())
+
+
+@pytest.mark.parametrize("J", [torch.tensor([[0.0, -1.0], [1.0, 0.0]]), -torch.eye(2)], ids=["rotation", "minus-I"])
+def test_neumann_series_no_better_than_zero_warns_for_an_orthogonal_jacobian(J):
+    """z = J z + x with J orthogonal (rho = 1): the truncated series leaves a relative residual of exactly 1."""
+    m = fpgrad.maps.linear(J.double(), torch.eye(2, dtype=torch.float64))
+    x = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    z_star = torch.linalg.solve(torch.eye(2, dtype=torch.float64) - m.params["A"], x[0])
+    with pytest.warns(ConvergenceWarning, match="as much as or more than u = 0"):
+        g = fpgrad.gradient(m, x, lambda z: z.sum(), estimator=Neumann(5), z0=z_star.unsqueeze(0))
+    assert float(g.series.residual.max()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_vmap_over_params_through_fixed_point_with_the_default_check():
+    A = 0.5 * torch.eye(3, dtype=torch.float64)
+    B = torch.eye(3, dtype=torch.float64)
+    m = fpgrad.maps.linear(A, B)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    z0 = torch.zeros(4, 3, dtype=torch.float64)
+
+    def total(Bv):
+        return fpgrad.fixed_point(m.step, {"A": A, "B": Bv}, x, z0).sum()
+
+    out = torch.func.vmap(total)(torch.stack([B, 2 * B]))
+    torch.testing.assert_close(out, torch.stack([2 * x.sum(), 4 * x.sum()]))     # z* = (I - A)^-1 B x
+
+
+class Cell(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4, dtype=torch.float64)
+
+    def forward(self, z, x):
+        return 0.5 * torch.tanh(self.lin(z) + x)
+
+
+def test_state_of_the_wrong_feature_size_is_a_named_shape_error():
+    m = fpgrad.maps.from_module(Cell())
+    with pytest.raises(ShapeError, match=r"forward\(z, x\) failed on z of shape \(2, 5\)"):
+        fpgrad.fixed_point(m.step, m.params, torch.zeros(2, 5, dtype=torch.float64),
+                           torch.zeros(2, 5, dtype=torch.float64))
+
+
+def test_meta_tensors_are_a_named_device_error():
+    m = fpgrad.maps.linear(0.5 * torch.eye(3), torch.eye(3)).to(device="meta")
+    with pytest.raises(DeviceError, match="meta tensor .*no values"):
+        fpgrad.solve(m, torch.zeros(2, 3, device="meta"), z0=torch.zeros(2, 3, device="meta"))
+
+
+def test_integer_params_are_a_named_dtype_error():
+    m = fpgrad.maps.linear(torch.eye(3, dtype=torch.long), torch.eye(3))
+    with pytest.raises(DTypeError, match=r"params\['A'\] has dtype torch.int64; parameters .* must be floating"):
+        fpgrad.solve(m, torch.zeros(2, 3), z0=torch.zeros(2, 3))
+
+
+def test_params_checked_under_vmap_without_reading_their_values():
+    """check_inputs under torch.func.vmap: dtypes and devices are still checked, values are left to the solve."""
+    from fpgrad._checks import check_inputs
+    z = torch.zeros(2, 3, dtype=torch.float64)
+
+    def checked(w):
+        check_inputs({"w": w}, z, z)
+        return w
+
+    torch.func.vmap(checked)(torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(DTypeError, match=r"params\['w'\] has dtype torch.float32"):
+        torch.func.vmap(checked)(torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("x,z,error,match", [
+    (torch.zeros(2, 4), torch.zeros(2, 3), ShapeError, r"mat1 and mat2.*x \(2, 4\) float32"),
+    (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), DTypeError, r"x \(2, 3\) int64"),
+])
+def test_a_step_that_fails_on_its_first_call_names_the_shapes_and_dtypes(x, z, error, match):
+    from fpgrad._checks import call_step
+    m = fpgrad.maps.linear(0.5 * torch.eye(3), torch.eye(3))
+    with pytest.raises(error, match=match):
+        call_step(m.step, m.params, z, x, where="test")
+
+
+def test_call_step_checks_the_output_shape():
+    from fpgrad._checks import call_step
+    with pytest.raises(ShapeError, match=r"changed the state's shape from \(2, 3\) to \(2, 4\)"):
+        call_step(lambda p, z, x: torch.zeros(2, 4), {}, torch.zeros(2, 3), torch.zeros(2, 3))
