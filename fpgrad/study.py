@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
+from ._io import json_default
 from .errors import FPGradError
 
 Config = dict[str, Any]
@@ -165,7 +166,7 @@ class RowStore:
         how many were dropped. Call only while no one appends (run_study holds its lock)."""
         _, torn, lines = self._scan()
         if torn:
-            from .report._atomic import atomic_write_bytes
+            from ._io import atomic_write_bytes
             keep = [line for number, line in enumerate(lines, start=1) if number not in torn and line.strip()]
             atomic_write_bytes(self.path, b"".join(line + b"\n" for line in keep))
             warnings.warn(f"{self.path}: dropped {len(torn)} torn line(s) (line {', '.join(map(str, torn))}) left "
@@ -177,7 +178,7 @@ class RowStore:
 
     def append(self, config: Config, row: Row) -> None:
         line = json.dumps({"key": config_key(config), "config": config, "row": row}, sort_keys=True,
-                          default=_json_default) + "\n"
+                          default=json_default) + "\n"
         with open(self.path, "a", encoding="utf-8") as f:
             if f.tell() > 0 and not self._ends_with_newline():
                 f.write("\n")
@@ -189,18 +190,6 @@ class RowStore:
         with open(self.path, "rb") as f:
             f.seek(-1, os.SEEK_END)
             return f.read(1) == b"\n"
-
-
-def _json_default(obj):
-    try:
-        import torch
-        if isinstance(obj, torch.Tensor):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if hasattr(obj, "item"):
-        return obj.item()
-    return str(obj)
 
 
 def _run_by_name(module: str, config: Config) -> Row:

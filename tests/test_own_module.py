@@ -43,9 +43,6 @@ def test_explicit_event_ndim_that_contradicts_the_state_names_the_argument():
         m.is_batched(torch.zeros(2, 3, 6))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="needs fpgrad.forward.is_batched to delegate to Map.is_batched (fpgrad/forward/__init__.py, "
-                          "helper A1's file); remove this marker when it does")
 def test_slots_state_solves_per_sample_like_each_sample_alone():
     """[B, K, D] state (slots): the solve of the batch equals each sample solved on its own."""
     m = fpgrad.maps.from_module(Cell())

@@ -33,14 +33,9 @@ def get_forward(method: Union[str, ForwardSolver, None] = "anderson", **options)
 
 
 def is_batched(m: Map, z: Tensor) -> bool:
-    """A state with more dims than one sample's (m.event_ndim) carries a leading batch dim."""
-    if z.dim() == m.event_ndim:
-        return False
-    if z.dim() == m.event_ndim + 1:
-        return True
-    from ..errors import ShapeError
-    raise ShapeError(f"{m.name}: state has shape {tuple(z.shape)}; expected {m.event_ndim} dims for one sample "
-                     f"or {m.event_ndim + 1} with a leading batch dim")
+    """Whether z carries a leading batch dim, as the map judges it (`Map.is_batched`: from its event_ndim, or
+    inferred from the state when event_ndim is None)."""
+    return m.is_batched(z)
 
 
 def solve(m: Map, x: Tensor, z0: Tensor | None = None, method: Union[str, ForwardSolver] = "anderson",
