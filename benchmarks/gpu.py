@@ -16,6 +16,7 @@ reports/benchmarks/gpu/dry-run/ unless --out is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -306,6 +308,15 @@ def run_memory(case: Case, s: Settings) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def _quiet_but_syncs():
+    """C.quiet(), except the sync debug mode's warnings, which SyncCounter records on CUDA."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("always", message=".*synchroniz.*")
+        yield
+
+
 def run_syncs(case: Case, s: Settings) -> list[dict]:
     """Host syncs per iteration of each forward solver (fpgrad's and TorchDEQ's, tol 0 so that none stops early)
     and of each of fpgrad's Krylov / Neumann adjoint solvers."""
@@ -314,7 +325,7 @@ def run_syncs(case: Case, s: Settings) -> list[dict]:
     rows = []
     for name, (library, _) in forward_solvers(10, 0.0).items():
         def run(T, name=name):
-            with C.quiet():
+            with _quiet_but_syncs():
                 forward_solvers(T, 0.0)[name][1](case.step, case.params, case.x, case.z0)
         rows.append({"map": case.name, "loop": "forward", "library": library, "solver": name,
                      **syncs_per_iteration(run, s.device)})
@@ -323,7 +334,7 @@ def run_syncs(case: Case, s: Settings) -> list[dict]:
     g = torch.ones(z.shape[0], z[0].numel(), dtype=DTYPE, device=z.device)
     for name in ("gmres", "bicgstab", "cg_normal", "neumann"):
         def run(T, name=name):
-            with C.quiet():
+            with _quiet_but_syncs():
                 get_solver(name, tol=0.0, max_iter=T).solve(jac.vjp, g, MT=jac.jvp if name == "cg_normal" else None,
                                                             throw=False)
         rows.append({"map": case.name, "loop": "adjoint", "library": "fpgrad", "solver": name,

@@ -88,3 +88,13 @@ def test_syncs_per_iteration_separates_per_iteration_from_per_call_syncs():
             bool(t.any())
     r = syncs_per_iteration(run, "cpu", low=2, high=6)
     assert r["per_iteration"] == 2 and r["per_call"] == 1
+
+
+def test_sync_section_silences_solver_warnings_but_keeps_the_sync_debug_warnings():
+    import warnings
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        with gpu._quiet_but_syncs():
+            warnings.warn("called a synchronizing CUDA operation")
+            warnings.warn("fpgrad.solve: did not converge")
+    assert [str(r.message) for r in records] == ["called a synchronizing CUDA operation"]
