@@ -1,0 +1,441 @@
+"""GPU check: the CUDA tests and the device gradient tests, then fpgrad against TorchDEQ and TorchOpt in float32.
+
+With CUDA (about 8 minutes on one GPU): pytest `-k cuda` and tests/test_gpu_gradients.py with
+FPGRAD_TEST_DEVICE=cuda (subprocesses); on slot attention (batch 64 and 256, N 1024, D 128, K 7) and a tanh map
+(n 4096, batch 64): forward solve to 1e-4, adjoint solve to 1e-4 (smallest budget of a doubling ladder), the
+end-to-end training step (seconds, peak memory), peak memory of unrolled / one-step / implicit at T = 10 and 100,
+and host synchronisations per solver iteration (torch.cuda.set_sync_debug_mode("warn")). Writes
+reports/benchmarks/gpu/*.json and reports/benchmarks/gpu/README.md.
+Without CUDA (or with --dry-run) it runs the same sections on CPU at tiny sizes in under a minute, skips the
+test subprocesses, counts the calls that would sync (benchmarks._sync), and writes under
+reports/benchmarks/gpu/dry-run/ unless --out is given.
+
+    python -m benchmarks.gpu [--dry-run] [--out DIR] [--skip-tests] [--budget-seconds 420]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from benchmarks import _common as C
+from benchmarks._sync import syncs_per_iteration
+
+DTYPE = torch.float32
+TOL = 1e-4
+SECTIONS = ("tests", "forward", "adjoint", "end_to_end", "memory", "syncs")
+
+
+@dataclass
+class Case:
+    """A map on the device at float32: step, params, inputs x [B, ...], initial state z0 [B, ...]."""
+
+    name: str
+    step: Callable
+    params: dict[str, Tensor]
+    x: Tensor
+    z0: Tensor
+    info: dict[str, Any]
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    dry_run: bool
+    repeats: int
+    max_iter: int
+    budgets: tuple[int, ...]
+    Ts: tuple[int, ...]
+
+
+def slot_case(batch: int, inputs: int, dim: int, slots: int, device: torch.device, seed: int) -> Case:
+    import fpgrad
+    m = fpgrad.maps.slot_attention(dim=dim, num_slots=slots, seed=seed, dtype=DTYPE, device=device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, inputs, dim, generator=gen, dtype=DTYPE).to(device)
+    z0 = m.init_state(x, gen).detach()
+    return Case(f"slot attention B={batch} N={inputs} D={dim} K={slots}", m.step, dict(m.params), x, z0,
+                {"map": "slot_attention", "batch": batch, "N": inputs, "D": dim, "K": slots})
+
+
+def tanh_case(n: int, batch: int, device: torch.device, seed: int, rho: float = 0.9) -> Case:
+    import fpgrad
+    m = fpgrad.maps.tanh_rnn(n=n, spectral_radius=rho, seed=seed, dtype=DTYPE, device=device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, n, generator=gen, dtype=DTYPE).to(device)
+    return Case(f"tanh n={n} B={batch} rho={rho}", m.step, dict(m.params), x, torch.zeros(batch, n, dtype=DTYPE,
+                device=device), {"map": "tanh", "n": n, "batch": batch, "rho": rho})
+
+
+def cases(s: Settings, seed: int) -> list[Case]:
+    if s.dry_run:
+        return [slot_case(2, 16, 8, 3, s.device, seed), tanh_case(32, 2, s.device, seed)]
+    return [slot_case(64, 1024, 128, 7, s.device, seed), slot_case(256, 1024, 128, 7, s.device, seed),
+            tanh_case(4096, 64, s.device, seed)]
+
+
+# ---- timing and memory --------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], s: Settings) -> dict[str, Any]:
+    """Median seconds of `repeats` calls after one warm-up (synchronised on CUDA), and the peak memory of one
+    call (torch.cuda.max_memory_allocated above what was allocated before it; None on CPU)."""
+    with C.quiet():
+        fn()
+        _sync(s.device)
+        peak = None
+        if s.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(s.device)
+            before = torch.cuda.memory_allocated(s.device)
+            fn()
+            _sync(s.device)
+            peak = torch.cuda.max_memory_allocated(s.device) - before
+        samples = []
+        for _ in range(s.repeats):
+            t0 = time.perf_counter()
+            fn()
+            _sync(s.device)
+            samples.append(time.perf_counter() - t0)
+    return {"seconds_median": statistics.median(samples), "seconds_samples": samples, "peak_bytes": peak}
+
+
+def _relative_residual(case: Case, z: Tensor) -> float:
+    with torch.no_grad():
+        fz = case.step(case.params, z, case.x)
+        B = z.shape[0]
+        return float(((fz - z).reshape(B, -1).norm(dim=1) / fz.reshape(B, -1).norm(dim=1)).max())
+
+
+# ---- sections -------------------------------------------------------------------------------------------------
+
+def run_tests(s: Settings, budget: float) -> dict:
+    """pytest -k cuda over tests/, and tests/test_gpu_gradients.py on the GPU (subprocesses, their summaries)."""
+    commands = {"cuda_marked": [sys.executable, "-m", "pytest", "tests", "-k", "cuda", "-q", "-rs",
+                                "-p", "no:cacheprovider"],
+                "gpu_gradients": [sys.executable, "-m", "pytest", "tests/test_gpu_gradients.py", "-q", "-rs",
+                                  "-p", "no:cacheprovider"]}
+    if s.dry_run:
+        return {name: {"command": " ".join(cmd[1:]), "status": "skipped (dry run: no CUDA)"}
+                for name, cmd in commands.items()}
+    out = {}
+    for name, cmd in commands.items():
+        env = dict(os.environ, FPGRAD_TEST_DEVICE="cuda")
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=C.ROOT, env=env, capture_output=True, text=True,
+                                  timeout=max(30.0, budget / 2))
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+            out[name] = {"command": " ".join(cmd[1:]), "returncode": proc.returncode,
+                         "status": "passed" if proc.returncode == 0 else "failed", "summary": tail}
+        except subprocess.TimeoutExpired:
+            out[name] = {"command": " ".join(cmd[1:]), "status": "timed out"}
+        out[name]["seconds"] = time.perf_counter() - t0
+        print(f"  tests {name}: {out[name]['status']}", flush=True)
+    return out
+
+
+def run_forward(case: Case, s: Settings) -> list[dict]:
+    from benchmarks.forward_solve import solvers
+    rows = []
+    for name, (library, run) in solvers(s.max_iter, TOL).items():
+        with C.quiet():
+            z = run(case.step, case.params, case.x, case.z0)
+        t = timed(lambda run=run: run(case.step, case.params, case.x, case.z0), s)
+        rows.append({"map": case.name, "library": library, "solver": name,
+                     "relative_residual": _relative_residual(case, z), **t})
+    return rows
+
+
+def _fixed_point(case: Case, s: Settings) -> Tensor:
+    import fpgrad
+    with C.quiet():
+        return fpgrad.forward.get_forward("anderson", tol=TOL / 10, max_iter=s.max_iter).solve(
+            case.step, case.params, case.x, case.z0, check=False).z
+
+
+def run_adjoint(case: Case, s: Settings) -> list[dict]:
+    """Each peer's and fpgrad's adjoint solver on (I - J^T) u = g at z*: the smallest budget of the ladder with
+    relative residual <= 1e-4, its products, and its time."""
+    from benchmarks.adjoint_solve import solvers
+    z = _fixed_point(case, s)
+    jac = C.Jacobian(case.step, case.params, case.x, z)
+    B = z.shape[0]
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=DTYPE).to(z.device).reshape(B, -1)
+    rows = []
+    for solver in solvers(restart=30):
+        if solver.library == "scipy" or solver.budget_fixed or not solver.exact:
+            continue
+        hit = None
+        for budget in s.budgets:
+            if budget > solver.cap:
+                break
+            jac.count.reset()
+            with C.quiet():
+                u = solver.run(jac, g, budget)
+            vjps, jvps = jac.count.vjps, jac.count.jvps
+            with torch.no_grad():
+                res = float((u - jac.vjp(u) - g).norm() / g.norm())
+            if math.isfinite(res) and res <= TOL:
+                hit = {"budget": budget, "vjps": vjps, "jvps": jvps, "relative_residual": res}
+                break
+        row = {"map": case.name, "library": solver.library, "solver": solver.name, "reached": hit is not None}
+        if hit is not None:
+            row.update(hit, **timed(lambda solver=solver, b=hit["budget"]: solver.run(jac, g, b), s))
+        rows.append(row)
+    return rows
+
+
+def _leaf(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+
+def run_end_to_end(case: Case, s: Settings) -> list[dict]:
+    """One training step (forward to 1e-4, backward to 1e-4, loss 1/2 ||z* - t||^2) through each library."""
+    import fpgrad
+    from fpgrad.estimators import Implicit, OneStep
+    keys = sorted(case.params)
+    target = torch.randn(case.z0.shape, generator=torch.Generator().manual_seed(9), dtype=DTYPE).to(case.z0.device)
+
+    def loss_of(z: Tensor) -> Tensor:
+        return 0.5 * ((z - target) ** 2).sum()
+
+    def grads(loss: Tensor, params: dict[str, Tensor]) -> Tensor:
+        out = torch.autograd.grad(loss, [params[k] for k in keys], allow_unused=True)
+        return torch.cat([(torch.zeros_like(params[k]) if o is None else o).reshape(-1) for k, o in zip(keys, out)])
+
+    def fpgrad_run(backward):
+        def run():
+            params = _leaf(case.params)
+            forward = fpgrad.forward.get_forward("anderson", tol=TOL, max_iter=s.max_iter)
+            z = fpgrad.fixed_point(case.step, params, case.x, case.z0, forward=forward, backward=backward)
+            return grads(loss_of(z), params)
+        return run
+
+    runs: dict[str, Callable[[], Tensor]] = {
+        "fpgrad: fixed_point(anderson, Implicit(gmres))": fpgrad_run(Implicit(solver="gmres", tol=TOL,
+                                                                                max_iter=s.max_iter)),
+        "fpgrad: fixed_point(anderson, OneStep())": fpgrad_run(OneStep())}
+    if C.have("torchdeq"):
+        from torchdeq import get_deq
+        deq = get_deq(core="indexing", ift=True, f_solver="anderson", b_solver="anderson", f_max_iter=s.max_iter,
+                      b_max_iter=s.max_iter, f_tol=TOL, b_tol=TOL, f_stop_mode="rel", b_stop_mode="rel")
+
+        def torchdeq_run():
+            params = _leaf(case.params)
+            z_out, _ = deq(lambda z: case.step(params, z, case.x), case.z0)
+            return grads(loss_of(z_out[-1]), params)
+        runs["torchdeq: get_deq(anderson, ift anderson)"] = torchdeq_run
+    if C.have("torchopt") and C.have("torchdeq"):
+        import torchopt
+        from torchdeq.solver import anderson_solver
+
+        def optimality(z, *values):
+            return z - case.step(dict(zip(keys, values)), z, case.x)
+
+        @torchopt.diff.implicit.custom_root(optimality, argnums=tuple(range(1, len(keys) + 1)),
+                                            solve=torchopt.linear_solve.solve_normal_cg(rtol=TOL, maxiter=s.max_iter))
+        def solve_fp(z_init, *values):
+            p = dict(zip(keys, values))
+            with torch.no_grad():
+                z, _, _ = anderson_solver(lambda z: case.step(p, z, case.x), z_init, max_iter=s.max_iter, tol=TOL,
+                                          stop_mode="rel")
+            return z
+
+        def torchopt_run():
+            params = _leaf(case.params)
+            return grads(loss_of(solve_fp(case.z0, *[params[k] for k in keys])), params)
+        runs["torchopt: custom_root(anderson fwd, solve_normal_cg)"] = torchopt_run
+    reference = None
+    rows = []
+    for name, run in runs.items():
+        try:
+            with C.quiet():
+                flat = run()
+        except Exception as err:   # noqa: BLE001 - a peer that fails is a row, not a crash
+            rows.append({"map": case.name, "method": name, "library": name.split(":")[0], "error": repr(err)})
+            continue
+        reference = flat if reference is None else reference
+        rows.append({"map": case.name, "method": name, "library": name.split(":")[0],
+                     "difference_to_fpgrad_implicit": C.rel_error(flat, reference), **timed(run, s)})
+    return rows
+
+
+def run_memory(case: Case, s: Settings) -> list[dict]:
+    """Unrolled(T) vs OneStep() vs Implicit(gmres) after exactly T forward steps: peak memory (CUDA) or the bytes
+    autograd saves (CPU, saved-tensor hooks), and seconds."""
+    import fpgrad
+    from fpgrad.estimators import Implicit, OneStep, Unrolled
+    rows = []
+    for T in s.Ts:
+        for label, est in (("unrolled", Unrolled(T)), ("one_step", OneStep()),
+                           ("implicit", Implicit(solver="gmres", tol=TOL, max_iter=s.max_iter))):
+            saved = {"bytes": 0}
+
+            def pack(t, saved=saved):
+                saved["bytes"] += t.numel() * t.element_size()
+                return t
+
+            def run(est=est, T=T):
+                params = _leaf(case.params)
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    z = fpgrad.fixed_point(case.step, params, case.x, case.z0,
+                                           forward=fpgrad.forward.Iterate.exactly(T), backward=est)
+                torch.autograd.grad(z.square().sum(), list(params.values()), allow_unused=True)
+            with C.quiet():
+                run()
+            saved_bytes = saved["bytes"]
+            rows.append({"map": case.name, "estimator": label, "T": T, "saved_bytes_upper_bound": saved_bytes,
+                         **timed(run, s)})
+    return rows
+
+
+@contextlib.contextmanager
+def _quiet_but_syncs():
+    """C.quiet(), except the sync debug mode's warnings, which SyncCounter records on CUDA."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("always", message=".*synchroniz.*")
+        yield
+
+
+def run_syncs(case: Case, s: Settings) -> list[dict]:
+    """Host syncs per iteration of each forward solver (fpgrad's and TorchDEQ's, tol 0 so that none stops early)
+    and of each of fpgrad's Krylov / Neumann adjoint solvers."""
+    from benchmarks.forward_solve import solvers as forward_solvers
+    from fpgrad.linsolve import get_solver
+    rows = []
+    for name, (library, _) in forward_solvers(10, 0.0).items():
+        def run(T, name=name):
+            with _quiet_but_syncs():
+                forward_solvers(T, 0.0)[name][1](case.step, case.params, case.x, case.z0)
+        rows.append({"map": case.name, "loop": "forward", "library": library, "solver": name,
+                     **syncs_per_iteration(run, s.device)})
+    z = _fixed_point(case, s)
+    jac = C.Jacobian(case.step, case.params, case.x, z)
+    g = torch.ones(z.shape[0], z[0].numel(), dtype=DTYPE, device=z.device)
+    for name in ("gmres", "bicgstab", "cg_normal", "neumann"):
+        def run(T, name=name):
+            with _quiet_but_syncs():
+                get_solver(name, tol=0.0, max_iter=T).solve(jac.vjp, g, MT=jac.jvp if name == "cg_normal" else None,
+                                                            throw=False)
+        rows.append({"map": case.name, "loop": "adjoint", "library": "fpgrad", "solver": name,
+                     **syncs_per_iteration(run, s.device)})
+    return rows
+
+
+# ---- output ---------------------------------------------------------------------------------------------------
+
+def _fmt_bytes(v: Any) -> str:
+    return "-" if v is None else f"{v / 2 ** 20:.1f} MiB"
+
+
+def readme(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The markdown section: one table per section, from the stored results."""
+    from fpgrad.report import markdown_table
+    f = C.fmt
+    parts = [f"## GPU check ({meta['device']}{', dry run on tiny sizes' if meta['dry_run'] else ''})", "",
+             f"`{meta['command']}`, {meta['date']}, {meta['seconds']:.0f} s, float32, tolerance {TOL:g}.", ""]
+    if "tests" in results:
+        parts += ["### Tests", "", markdown_table([{"suite": k, **v} for k, v in results["tests"].items()],
+                                                  ["suite", "status", "command"]), ""]
+    tables = {
+        "forward": (["map", "library", "solver", "relative residual", "seconds", "peak"],
+                    lambda r: {**r, "relative residual": f(r["relative_residual"]), "seconds": f(r["seconds_median"]),
+                               "peak": _fmt_bytes(r["peak_bytes"])}),
+        "adjoint": (["map", "library", "solver", "reached", "vjps", "jvps", "seconds"],
+                    lambda r: {**r, "seconds": f(r.get("seconds_median")), "vjps": r.get("vjps", "-"),
+                               "jvps": r.get("jvps", "-")}),
+        "end_to_end": (["map", "method", "seconds", "peak", "difference to fpgrad implicit"],
+                       lambda r: {**r, "seconds": f(r.get("seconds_median", r.get("error"))),
+                                  "peak": _fmt_bytes(r.get("peak_bytes")),
+                                  "difference to fpgrad implicit": f(r.get("difference_to_fpgrad_implicit"))}),
+        "memory": (["map", "estimator", "T", "peak", "saved (upper bound)", "seconds"],
+                   lambda r: {**r, "peak": _fmt_bytes(r["peak_bytes"]),
+                              "saved (upper bound)": _fmt_bytes(r["saved_bytes_upper_bound"]),
+                              "seconds": f(r["seconds_median"])}),
+        "syncs": (["map", "loop", "library", "solver", "syncs / iteration", "syncs / call"],
+                  lambda r: {**r, "syncs / iteration": f(r["per_iteration"]), "syncs / call": f(r["per_call"])}),
+    }
+    for name, (columns, shape) in tables.items():
+        if results.get(name):
+            parts += [f"### {name.replace('_', ' ')}", "", markdown_table([shape(r) for r in results[name]], columns),
+                      ""]
+    return "\n".join(parts)
+
+
+def write(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
+    from fpgrad.report import atomic_write_text
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in results.items():
+        atomic_write_text(out / f"{name}.json", json.dumps(C.jsonable({**meta, "section": name, "results": rows}),
+                                                            indent=1) + "\n")
+    atomic_write_text(out / "README.md", readme(results, meta) + "\n")
+    print(f"wrote {out}/README.md and {', '.join(f'{n}.json' for n in results)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, no test subprocesses (automatic without "
+                                                          "CUDA)")
+    p.add_argument("--out", default=None, help="output folder (default reports/benchmarks/gpu, or its dry-run/)")
+    p.add_argument("--skip-tests", action="store_true", help="skip the pytest subprocesses")
+    p.add_argument("--only", nargs="*", choices=SECTIONS, default=None)
+    p.add_argument("--budget-seconds", type=float, default=420.0,
+                   help="sections left when this much time has passed are skipped (and listed as skipped)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    dry = args.dry_run or not torch.cuda.is_available()
+    device = torch.device("cpu" if dry else "cuda")
+    s = Settings(device, dry, repeats=1 if dry else 5, max_iter=50 if dry else 300,
+                 budgets=(10, 40, 80) if dry else (5, 10, 20, 40, 80, 160, 320, 640),
+                 Ts=(10, 100) if not dry else (3, 10))
+    torch.set_num_threads(1 if dry else torch.get_num_threads())
+    out = Path(args.out) if args.out else C.REPORTS / "gpu" / ("dry-run" if dry else "")
+    sections = [n for n in (args.only or SECTIONS) if not (n == "tests" and args.skip_tests)]
+    runners = {"forward": run_forward, "adjoint": run_adjoint, "end_to_end": run_end_to_end, "memory": run_memory,
+               "syncs": run_syncs}
+    results: dict[str, Any] = {}
+    skipped: list[str] = []
+    the_cases = cases(s, args.seed)
+    for name in sections:
+        elapsed = time.perf_counter() - started
+        if elapsed > args.budget_seconds:
+            skipped.append(name)
+            continue
+        print(f"== {name} ({elapsed:.0f} s)", flush=True)
+        if name == "tests":
+            results[name] = run_tests(s, args.budget_seconds - elapsed)
+        else:
+            results[name] = [row for case in the_cases for row in runners[name](case, s)]
+    meta = {"command": "python -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
+            "device": torch.cuda.get_device_name(0) if not dry else "cpu", "dry_run": dry, "dtype": "float32",
+            "tolerance": TOL, "seed": args.seed, "skipped_for_time": skipped,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": time.perf_counter() - started, "machine": C.machine_info(torch.get_num_threads()),
+            "cases": [{"name": c.name, **c.info} for c in the_cases]}
+    write(out, results, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
