@@ -13,7 +13,7 @@ import time
 from benchmarks import _common as C
 
 BENCHMARKS = ("adjoint_solve", "solver_overhead", "forward_solve", "memory", "spectral_radius", "silent_failures",
-              "vmap", "reuse", "contraction")
+              "vmap", "reuse", "contraction", "recipe_overhead")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import importlib
 import pytest
 
 MODULES = ["_common", "adjoint_solve", "solver_overhead", "forward_solve", "memory", "spectral_radius",
-           "silent_failures", "vmap", "targets", "run_all"]
+           "silent_failures", "vmap", "targets", "run_all", "contraction", "recipe_overhead", "gpu"]
 
 
 
