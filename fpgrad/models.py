@@ -76,21 +76,23 @@ class SpatialBroadcastDecoder(nn.Module):
     broadcast = resolution gives the full-resolution decoder (no upsampling) that Locatello et al. use on the
     small synthetic data sets (Multi-dSprites, Tetrominoes). layers: extra `kernel` x `kernel` convolutions
     (stride 1, ReLU) at the image resolution before the 1x1 output convolution (default 0: none).
+    first_kernel: the first convolution's kernel (default 3); 1 makes it a per-pixel linear map of slot +
+    position embedding, as in Watters et al.'s decoder, and about 9x cheaper at full resolution.
     """
 
     def __init__(self, resolution: int, dim: int, channels: int, broadcast: int = 8, *, layers: int = 0,
-                 kernel: int = 3):
+                 kernel: int = 3, first_kernel: int = 3):
         super().__init__()
-        if layers < 0 or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"SpatialBroadcastDecoder: need layers >= 0 and an odd kernel >= 1, got layers={layers}, "
-                             f"kernel={kernel}")
+        if layers < 0 or any(k < 1 or k % 2 == 0 for k in (kernel, first_kernel)):
+            raise ValueError(f"SpatialBroadcastDecoder: need layers >= 0 and odd kernels >= 1, got layers={layers}, "
+                             f"kernel={kernel}, first_kernel={first_kernel}")
         ups = int(round(math.log2(resolution / broadcast))) if resolution >= broadcast else -1
         if ups < 0 or broadcast * 2 ** ups != resolution:
             raise ValueError(f"SpatialBroadcastDecoder: resolution {resolution} must be broadcast ({broadcast}) "
                              "times a power of two")
         self.broadcast = broadcast
         self.position = SoftPositionEmbedding(dim, broadcast, broadcast)
-        net: list[nn.Module] = [nn.Conv2d(dim, channels, 3, padding=1), nn.ReLU()]
+        net: list[nn.Module] = [nn.Conv2d(dim, channels, first_kernel, padding=first_kernel // 2), nn.ReLU()]
         cin = channels
         for i in range(ups):
             cout = channels if i < ups - 1 else max(4, channels // 2)
@@ -143,14 +145,15 @@ class SlotAutoencoder(nn.Module):
     (unless `forward(iters=...)`), the same for every estimator so that only the gradient differs: the
     one-step estimator runs iters - 1 of them without the tape and the last on it.
     seed: every parameter is drawn from a torch.Generator seeded with it (no global RNG).
-    broadcast, decoder_channels (default `channels`), decoder_layers, decoder_kernel: the decoder's
-    grid side, width, extra full-resolution convolutions and their kernel (see SpatialBroadcastDecoder).
+    broadcast, decoder_channels (default `channels`), decoder_layers, decoder_kernel, decoder_first_kernel: the
+    decoder's grid side, width, extra full-resolution convolutions, their kernel and the first convolution's
+    kernel (see SpatialBroadcastDecoder).
     """
 
     def __init__(self, *, resolution: int = 32, num_slots: int = 5, slot_dim: int = 64, channels: int = 32,
                  iters: int = 3, backward: Union[str, Estimator] = "one_step", hidden_dim: int | None = None,
                  broadcast: int = 8, seed: int = 0, decoder_channels: int | None = None, decoder_layers: int = 0,
-                 decoder_kernel: int = 3):
+                 decoder_kernel: int = 3, decoder_first_kernel: int = 3):
         super().__init__()
         self.resolution, self.num_slots, self.slot_dim = resolution, num_slots, slot_dim
         if iters < 1:
@@ -161,7 +164,8 @@ class SlotAutoencoder(nn.Module):
         self.slot_attention = ImplicitSlotAttention(slot_dim, num_slots, module_iters, backward=backward,
                                                     hidden_dim=hidden_dim or 2 * slot_dim, seed=seed)
         self.decoder = SpatialBroadcastDecoder(resolution, slot_dim, decoder_channels or channels, broadcast,
-                                               layers=decoder_layers, kernel=decoder_kernel)
+                                               layers=decoder_layers, kernel=decoder_kernel,
+                                               first_kernel=decoder_first_kernel)
         generator = torch.Generator().manual_seed(int(seed) + 1)
         for module in (self.encoder, self.decoder):
             reset_parameters(module, generator)

@@ -34,6 +34,7 @@ TEST_SEED = 2 ** 31 - 1          # the same test scenes (and slot noise) for eve
 DEFAULTS: dict[str, Any] = dict(
     size=32, min_objects=2, max_objects=3, scale=(0.12, 0.24), background=None,
     num_slots=4, slot_dim=64, channels=32, broadcast=8, decoder_channels=None, decoder_layers=0, decoder_kernel=3,
+    decoder_first_kernel=3,
     iters=3, batch=16, lr=4e-4, warmup=500, decay_half_life=None, clip=None, seed=0,
     test_scenes=128, eval_every=500,
 )
@@ -79,7 +80,7 @@ def build_model(config: dict) -> SlotAutoencoder:
                            channels=config["channels"], iters=config["iters"], backward="unrolled",
                            broadcast=config["broadcast"], decoder_channels=config["decoder_channels"],
                            decoder_layers=config["decoder_layers"], decoder_kernel=config["decoder_kernel"],
-                           seed=config["seed"])
+                           decoder_first_kernel=config["decoder_first_kernel"], seed=config["seed"])
 
 
 def learning_rate(config: dict, step: int) -> float:
@@ -154,7 +155,7 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
     config_path, rows_path, ckpt_path = out / "config.json", out / "rows.jsonl", out / "ckpt.pt"
     config = _comparable(config)
     if config_path.exists():
-        stored = json.loads(config_path.read_text())
+        stored = _comparable({**DEFAULTS, **json.loads(config_path.read_text())})   # settings added since: defaults
         if stored != config:
             raise ValueError(f"discovery: {out} holds a run of other settings ({config_path}); use another --out")
     else:
@@ -242,7 +243,7 @@ def runs_under(root: Path) -> list[tuple[dict, list[dict]]]:
     for config_path in sorted(root.glob("*/config.json")):
         rows = read_rows(config_path.parent / "rows.jsonl")
         if rows:
-            found.append((json.loads(config_path.read_text()), rows))
+            found.append(({**DEFAULTS, **json.loads(config_path.read_text())}, rows))
     return sorted(found, key=lambda cr: cr[1][0]["time"])
 
 

@@ -42,6 +42,16 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
         discovery.train({**config, "lr": 0.5}, 4, tmp_path, progress=False)
 
 
+def test_a_run_stored_before_a_setting_was_added_resumes_with_its_default(tmp_path):
+    config, run = discovery.config_of("", quick=True), tmp_path / "run"
+    discovery.train(config, 2, run, progress=False)
+    stored = json.loads((run / "config.json").read_text())
+    del stored["decoder_first_kernel"]                            # as written before the setting existed
+    (run / "config.json").write_text(json.dumps(stored))
+    assert [r["step"] for r in discovery.train(config, 4, run, progress=False)] == [0, 2, 4]
+    assert "decoder_first_kernel" not in discovery.table(tmp_path)
+
+
 def test_learning_rate_warms_up_linearly_then_halves_every_half_life():
     config = {**discovery.DEFAULTS, "lr": 1e-3, "warmup": 10, "decay_half_life": 100}
     assert discovery.learning_rate(config, 0) == pytest.approx(1e-4 * 0.5 ** (0 / 100))

@@ -141,7 +141,7 @@ def test_extra_decoder_layers_follow_the_upsampling_at_full_resolution():
     assert rgb.shape == (2, 3, 3, 16, 16) and logits.shape == (2, 3, 16, 16)
 
 
-@pytest.mark.parametrize("kw", [{"layers": -1}, {"kernel": 4}, {"kernel": 0}])
+@pytest.mark.parametrize("kw", [{"layers": -1}, {"kernel": 4}, {"kernel": 0}, {"first_kernel": 2}])
 def test_bad_decoder_options_raise(kw):
     with pytest.raises(ValueError, match="SpatialBroadcastDecoder"):
         SpatialBroadcastDecoder(16, 8, 6, broadcast=16, **kw)
@@ -160,3 +160,14 @@ def test_a_few_adam_steps_reduce_the_loss_with_the_full_resolution_decoder():
         loss().backward()
         opt.step()
     assert float(loss().detach()) < 0.7 * first
+
+
+def test_first_kernel_one_makes_the_first_decoder_layer_per_pixel():
+    decoder = SpatialBroadcastDecoder(16, 8, 6, broadcast=16, layers=0, first_kernel=1)
+    assert decoder.net[0].kernel_size == (1, 1)
+    slots = torch.randn(1, 2, 8)
+    with torch.no_grad():                                  # no spatial mixing: a pixel depends on its own position only
+        rgb, logits = decoder(slots)
+        grid = decoder.position(slots.reshape(2, 8, 1, 1).expand(2, 8, 16, 16))
+        by_pixel = decoder.net(grid[:, :, 5:6, 7:8])
+    torch.testing.assert_close(logits[0, :, 5, 7], by_pixel[:, 3, 0, 0])
