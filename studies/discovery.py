@@ -2,7 +2,7 @@
 
     python -m studies.discovery --config NAME --steps S --out reports/discovery/NAME    # train / resume one run
     python -m studies.discovery --quick --out /tmp/q                                    # tiny, a few steps
-    python -m studies.discovery --readme reports/discovery                              # table + figure from rows
+    python -m studies.discovery --readme reports/discovery        # table.md, curves.png, README table from rows
 
 One run = one named configuration (CONFIGS) trained with the unrolled estimator on fresh MultiShapes scenes
 every step. Every `eval_every` steps (and at step 0) it appends one row to `rows.jsonl`: FG-ARI and MSE on
@@ -268,6 +268,17 @@ def table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+TABLE_START, TABLE_END = "<!-- table: python -m studies.discovery --readme -->", "<!-- /table -->"
+
+
+def fill_table(readme: str, text: str) -> str:
+    """`readme` with the text between TABLE_START and TABLE_END replaced by `text` (unchanged without them)."""
+    if TABLE_START not in readme or TABLE_END not in readme:
+        return readme
+    head, rest = readme.split(TABLE_START, 1)
+    return head + TABLE_START + "\n" + text + TABLE_END + rest.split(TABLE_END, 1)[1]
+
+
 def figure(root: Path, path: Path) -> None:
     """FG-ARI and test MSE against steps, one line per run."""
     import matplotlib
@@ -299,10 +310,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="write ROOT/table.md and ROOT/curves.png from the rows of every run under ROOT")
     args = parser.parse_args(argv)
     if args.readme is not None:
-        text = table(args.readme).encode()
-        _atomic_write_bytes(args.readme / "table.md", lambda f: f.write(text))
+        text = table(args.readme)
+        _atomic_write_bytes(args.readme / "table.md", lambda f: f.write(text.encode()))
+        readme = args.readme / "README.md"
+        if readme.exists():
+            new = fill_table(readme.read_text(), text).encode()
+            _atomic_write_bytes(readme, lambda f: f.write(new))
         figure(args.readme, args.readme / "curves.png")
-        print(text.decode())
+        print(text)
         return
     config = config_of(args.config, args.quick)
     steps = args.steps if args.steps is not None else (4 if args.quick else 20_000)

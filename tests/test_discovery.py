@@ -74,3 +74,10 @@ def test_cli_quick_writes_rows_and_the_readme_table(tmp_path):
     assert [r["step"] for r in rows] == [0, 2, 4]
     text = discovery.table(tmp_path)
     assert "| quick |" in text and text.count("\n") == 3
+
+
+def test_readme_table_is_replaced_between_its_markers_only():
+    readme = f"intro\n{discovery.TABLE_START}\nold | table\n{discovery.TABLE_END}\nreading\n"
+    out = discovery.fill_table(readme, "| new |\n")
+    assert out == f"intro\n{discovery.TABLE_START}\n| new |\n{discovery.TABLE_END}\nreading\n"
+    assert discovery.fill_table("no markers", "| new |\n") == "no markers"
