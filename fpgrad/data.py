@@ -49,6 +49,9 @@ class MultiShapes:
     miss it are redrawn, from the same generator, so a seed still fixes the batch).
     Object colours are saturated and bright (HSV s in [0.6, 1], v in [0.75, 1]); the background is
     dark (v in [0, 0.35]), so every object differs from the background.
+    background: None (default) for that random dark colour per scene, or an RGB triple in [0, 1] for a
+    plain background of that one colour in every scene (the random draws are unchanged, so a seed gives the
+    same objects with either background).
     """
 
     size: int = 32
@@ -57,6 +60,7 @@ class MultiShapes:
     scale: tuple[float, float] = (0.12, 0.24)
     min_visible: float = 0.01
     max_redraws: int = 100
+    background: tuple[float, float, float] | None = None
 
     def __post_init__(self):
         if not 1 <= self.min_objects <= self.max_objects:
@@ -67,6 +71,9 @@ class MultiShapes:
         lo, hi = self.scale
         if not 0.0 < lo <= hi < 0.5:
             raise ValueError(f"MultiShapes: scale must satisfy 0 < lo <= hi < 0.5, got {self.scale}")
+        if self.background is not None and (len(self.background) != 3
+                                            or not all(0.0 <= float(c) <= 1.0 for c in self.background)):
+            raise ValueError(f"MultiShapes: background must be None or an RGB triple in [0, 1], got {self.background}")
 
     def sample(self, batch: int, generator: torch.Generator | None = None) -> Scenes:
         """`batch` scenes drawn from `generator` (CPU tensors)."""
@@ -152,6 +159,8 @@ class MultiShapes:
     def _paint(self, labels: Tensor, p: dict[str, Tensor]) -> Tensor:
         colours = torch.cat([p["background"][:, None], p["hsv"]], 1)                     # [B, 1 + M, 3]
         rgb = hsv_to_rgb(colours)
+        if self.background is not None:
+            rgb[:, 0] = torch.tensor([float(c) for c in self.background], dtype=rgb.dtype)
         B, H, W = labels.shape
         idx = labels.reshape(B, H * W, 1).expand(B, H * W, 3)
         image = rgb.gather(1, idx).reshape(B, H, W, 3).permute(0, 3, 1, 2)

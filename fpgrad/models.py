@@ -73,24 +73,35 @@ class SpatialBroadcastDecoder(nn.Module):
     Each slot is tiled on a `broadcast` x `broadcast` grid with a soft position embedding, mixed by a 3x3
     convolution, upsampled by stride-2 transposed convolutions (4x4) to the image resolution and mapped to
     RGB + alpha by a 1x1 convolution (a lighter variant of Locatello et al.'s CLEVR decoder).
+    broadcast = resolution gives the full-resolution decoder (no upsampling) that Locatello et al. use on the
+    small synthetic data sets (Multi-dSprites, Tetrominoes). layers: extra `kernel` x `kernel` convolutions
+    (stride 1, ReLU) at the image resolution before the 1x1 output convolution (default 0: none).
+    first_kernel: the first convolution's kernel (default 3); 1 makes it a per-pixel linear map of slot +
+    position embedding, as in Watters et al.'s decoder, and about 9x cheaper at full resolution.
     """
 
-    def __init__(self, resolution: int, dim: int, channels: int, broadcast: int = 8):
+    def __init__(self, resolution: int, dim: int, channels: int, broadcast: int = 8, *, layers: int = 0,
+                 kernel: int = 3, first_kernel: int = 3):
         super().__init__()
+        if layers < 0 or any(k < 1 or k % 2 == 0 for k in (kernel, first_kernel)):
+            raise ValueError(f"SpatialBroadcastDecoder: need layers >= 0 and odd kernels >= 1, got layers={layers}, "
+                             f"kernel={kernel}, first_kernel={first_kernel}")
         ups = int(round(math.log2(resolution / broadcast))) if resolution >= broadcast else -1
         if ups < 0 or broadcast * 2 ** ups != resolution:
             raise ValueError(f"SpatialBroadcastDecoder: resolution {resolution} must be broadcast ({broadcast}) "
                              "times a power of two")
         self.broadcast = broadcast
         self.position = SoftPositionEmbedding(dim, broadcast, broadcast)
-        layers: list[nn.Module] = [nn.Conv2d(dim, channels, 3, padding=1), nn.ReLU()]
+        net: list[nn.Module] = [nn.Conv2d(dim, channels, first_kernel, padding=first_kernel // 2), nn.ReLU()]
         cin = channels
         for i in range(ups):
             cout = channels if i < ups - 1 else max(4, channels // 2)
-            layers += [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1), nn.ReLU()]
+            net += [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1), nn.ReLU()]
             cin = cout
-        layers += [nn.Conv2d(cin, 4, 1)]
-        self.net = nn.Sequential(*layers)
+        for _ in range(layers):
+            net += [nn.Conv2d(cin, cin, kernel, padding=kernel // 2), nn.ReLU()]
+        net += [nn.Conv2d(cin, 4, 1)]
+        self.net = nn.Sequential(*net)
 
     def forward(self, slots: Tensor) -> tuple[Tensor, Tensor]:
         B, K, D = slots.shape
@@ -134,11 +145,15 @@ class SlotAutoencoder(nn.Module):
     (unless `forward(iters=...)`), the same for every estimator so that only the gradient differs: the
     one-step estimator runs iters - 1 of them without the tape and the last on it.
     seed: every parameter is drawn from a torch.Generator seeded with it (no global RNG).
+    broadcast, decoder_channels (default `channels`), decoder_layers, decoder_kernel, decoder_first_kernel: the
+    decoder's grid side, width, extra full-resolution convolutions, their kernel and the first convolution's
+    kernel (see SpatialBroadcastDecoder).
     """
 
     def __init__(self, *, resolution: int = 32, num_slots: int = 5, slot_dim: int = 64, channels: int = 32,
                  iters: int = 3, backward: Union[str, Estimator] = "one_step", hidden_dim: int | None = None,
-                 broadcast: int = 8, seed: int = 0):
+                 broadcast: int = 8, seed: int = 0, decoder_channels: int | None = None, decoder_layers: int = 0,
+                 decoder_kernel: int = 3, decoder_first_kernel: int = 3):
         super().__init__()
         self.resolution, self.num_slots, self.slot_dim = resolution, num_slots, slot_dim
         if iters < 1:
@@ -148,7 +163,9 @@ class SlotAutoencoder(nn.Module):
         module_iters = iters      # ImplicitSlotAttention applies the step `iters` times for every estimator
         self.slot_attention = ImplicitSlotAttention(slot_dim, num_slots, module_iters, backward=backward,
                                                     hidden_dim=hidden_dim or 2 * slot_dim, seed=seed)
-        self.decoder = SpatialBroadcastDecoder(resolution, slot_dim, channels, broadcast)
+        self.decoder = SpatialBroadcastDecoder(resolution, slot_dim, decoder_channels or channels, broadcast,
+                                               layers=decoder_layers, kernel=decoder_kernel,
+                                               first_kernel=decoder_first_kernel)
         generator = torch.Generator().manual_seed(int(seed) + 1)
         for module in (self.encoder, self.decoder):
             reset_parameters(module, generator)

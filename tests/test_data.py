@@ -71,8 +71,24 @@ def test_hsv_to_rgb_primaries():
     torch.testing.assert_close(hsv_to_rgb(hsv), rgb)
 
 
+def test_plain_background_is_exactly_that_colour_outside_the_masks():
+    colour = (0.1, 0.2, 0.3)
+    s = scenes(batch=16, background=colour)
+    bg = s.images.permute(0, 2, 3, 1)[~s.masks[:, 1:].any(1)]
+    assert bg.shape[0] > 0
+    assert torch.equal(bg, torch.tensor(colour, dtype=torch.float64).float().expand_as(bg))
+
+
+def test_plain_background_keeps_the_objects_of_the_same_seed():
+    random_bg, plain = scenes(seed=3), scenes(seed=3, background=(0.0, 0.0, 0.0))
+    assert torch.equal(random_bg.labels, plain.labels)
+    fg = random_bg.masks[:, 1:].any(1)[:, None].expand_as(plain.images)
+    assert torch.equal(random_bg.images[fg], plain.images[fg])
+    assert not torch.equal(random_bg.images, plain.images)
+
+
 @pytest.mark.parametrize("kw", [{"min_objects": 0}, {"min_objects": 3, "max_objects": 2}, {"size": 4},
-                                {"scale": (0.3, 0.6)}])
+                                {"scale": (0.3, 0.6)}, {"background": (0.0, 0.0)}, {"background": (0.0, 0.0, 1.5)}])
 def test_bad_configuration_raises(kw):
     with pytest.raises(ValueError):
         MultiShapes(**kw)

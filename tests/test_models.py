@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fpgrad.data import MultiShapes
-from fpgrad.models import SlotAutoencoder, position_grid
+from fpgrad.models import SlotAutoencoder, SpatialBroadcastDecoder, position_grid
 
 BACKWARDS = ["unrolled", "one_step", "implicit"]
 
@@ -113,3 +113,61 @@ def test_every_estimator_sees_the_same_forward(backward):
     a = reference(x, generator=torch.Generator().manual_seed(0)).slots
     b = model(x, generator=torch.Generator().manual_seed(0)).slots
     torch.testing.assert_close(a, b)
+
+
+def test_full_resolution_decoder_broadcasts_at_the_image_side_without_upsampling():
+    model = small("unrolled", broadcast=16, decoder_channels=6, decoder_layers=2, decoder_kernel=5)
+    convs = [m for m in model.decoder.net if isinstance(m, torch.nn.Conv2d)]
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.decoder.net)
+    assert [(c.kernel_size[0], c.out_channels) for c in convs] == [(3, 6), (5, 6), (5, 6), (1, 4)]
+    assert model.encoder.convs[0].out_channels == 8                 # the encoder keeps `channels`
+    out = model(batch(), generator=torch.Generator().manual_seed(0))
+    assert out.reconstruction.shape == (4, 3, 16, 16) and out.masks.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(out.masks.sum(1), torch.ones(4, 16, 16))
+
+
+def test_decoder_defaults_are_the_previous_network():
+    model = small()
+    kinds = [type(m).__name__ for m in model.decoder.net]
+    assert kinds == ["Conv2d", "ReLU", "ConvTranspose2d", "ReLU", "Conv2d"]     # 8 -> 16: one upsampling
+    assert model.decoder.net[2].out_channels == 4                               # max(4, channels // 2)
+
+
+def test_extra_decoder_layers_follow_the_upsampling_at_full_resolution():
+    decoder = SpatialBroadcastDecoder(16, 8, 6, broadcast=8, layers=1)
+    kinds = [type(m).__name__ for m in decoder.net]
+    assert kinds == ["Conv2d", "ReLU", "ConvTranspose2d", "ReLU", "Conv2d", "ReLU", "Conv2d"]
+    rgb, logits = decoder(torch.randn(2, 3, 8))
+    assert rgb.shape == (2, 3, 3, 16, 16) and logits.shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("kw", [{"layers": -1}, {"kernel": 4}, {"kernel": 0}, {"first_kernel": 2}])
+def test_bad_decoder_options_raise(kw):
+    with pytest.raises(ValueError, match="SpatialBroadcastDecoder"):
+        SpatialBroadcastDecoder(16, 8, 6, broadcast=16, **kw)
+
+
+def test_a_few_adam_steps_reduce_the_loss_with_the_full_resolution_decoder():
+    model = small("unrolled", broadcast=16, decoder_layers=1)
+    x = batch(n=8)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def loss():
+        return model(x, generator=torch.Generator().manual_seed(0)).loss(x)
+    first = float(loss().detach())
+    for _ in range(15):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert float(loss().detach()) < 0.7 * first
+
+
+def test_first_kernel_one_makes_the_first_decoder_layer_per_pixel():
+    decoder = SpatialBroadcastDecoder(16, 8, 6, broadcast=16, layers=0, first_kernel=1)
+    assert decoder.net[0].kernel_size == (1, 1)
+    slots = torch.randn(1, 2, 8)
+    with torch.no_grad():                                  # no spatial mixing: a pixel depends on its own position only
+        rgb, logits = decoder(slots)
+        grid = decoder.position(slots.reshape(2, 8, 1, 1).expand(2, 8, 16, 16))
+        by_pixel = decoder.net(grid[:, :, 5:6, 7:8])
+    torch.testing.assert_close(logits[0, :, 5, 7], by_pixel[:, 3, 0, 0])

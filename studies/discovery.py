@@ -1,0 +1,332 @@
+"""Study `discovery`: a setting in which the unrolled slot attention autoencoder discovers objects on one CPU thread.
+
+    python -m studies.discovery --config NAME --steps S --out reports/discovery/NAME    # train / resume one run
+    python -m studies.discovery --quick --out /tmp/q                                    # tiny, a few steps
+    python -m studies.discovery --readme reports/discovery        # table.md, curves.png, README table from rows
+
+One run = one named configuration (CONFIGS) trained with the unrolled estimator on fresh MultiShapes scenes
+every step. Every `eval_every` steps (and at step 0) it appends one row to `rows.jsonl`: FG-ARI and MSE on
+fixed test scenes, the mean training loss since the previous row, the learning rate, the wall and CPU time of
+the training steps (CPU time is the budget on a shared machine: one thread); then it
+writes `ckpt.pt` atomically (model, Adam, both generators, step). Rerunning the same command resumes from the
+checkpoint and gives the same rows as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fpgrad.data import MultiShapes
+from fpgrad.metrics import foreground_ari
+from fpgrad.models import SlotAutoencoder
+
+TEST_SEED = 2 ** 31 - 1          # the same test scenes (and slot noise) for every configuration
+
+# The study's autoencoder as it is (random dark background per scene, 8x8 broadcast decoder).
+DEFAULTS: dict[str, Any] = dict(
+    size=32, min_objects=2, max_objects=3, scale=(0.12, 0.24), background=None,
+    num_slots=4, slot_dim=64, channels=32, broadcast=8, decoder_channels=None, decoder_layers=0, decoder_kernel=3,
+    decoder_first_kernel=3,
+    iters=3, batch=16, lr=4e-4, warmup=500, decay_half_life=None, clip=None, seed=0,
+    test_scenes=128, eval_every=500,
+)
+
+# name -> what differs from DEFAULTS. `note` is for the README table only.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "baseline": dict(note="the training study's autoencoder (the previous try)"),
+    "plain-fullres": dict(note="plain black background; full-resolution broadcast decoder (16 ch, 3 extra 3x3)",
+                          background=(0.0, 0.0, 0.0), broadcast=32, decoder_channels=16, decoder_layers=3,
+                          lr=4e-4, warmup=500, decay_half_life=10_000),
+    "plain-b8": dict(note="plain black background; the 8x8 broadcast decoder", background=(0.0, 0.0, 0.0),
+                     lr=4e-4, warmup=500, decay_half_life=10_000),
+    "random-fullres": dict(note="random dark background; full-resolution decoder", broadcast=32, decoder_channels=16,
+                           decoder_layers=3, lr=4e-4, warmup=500, decay_half_life=10_000),
+}
+
+QUICK: dict[str, Any] = dict(size=16, min_objects=1, max_objects=2, num_slots=3, slot_dim=16, channels=8, broadcast=16,
+                             decoder_channels=8, decoder_layers=1, batch=4, lr=1e-3, warmup=2, decay_half_life=4,
+                             background=(0.0, 0.0, 0.0), test_scenes=8, eval_every=2)
+
+
+def config_of(name: str, quick: bool = False) -> dict[str, Any]:
+    """The full settings of a named configuration (DEFAULTS updated by CONFIGS[name], or by QUICK)."""
+    if quick:
+        return {**DEFAULTS, **QUICK, "name": "quick"}
+    if name not in CONFIGS:
+        raise ValueError(f"discovery: unknown configuration {name!r}; choose one of {sorted(CONFIGS)}")
+    settings = {k: v for k, v in CONFIGS[name].items() if k != "note"}
+    unknown = set(settings) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"discovery: configuration {name!r} sets unknown settings {sorted(unknown)}")
+    return {**DEFAULTS, **settings, "name": name}
+
+
+def dataset(config: dict) -> MultiShapes:
+    bg = config["background"]
+    return MultiShapes(size=config["size"], min_objects=config["min_objects"], max_objects=config["max_objects"],
+                       scale=tuple(config["scale"]), background=None if bg is None else tuple(bg))
+
+
+def build_model(config: dict) -> SlotAutoencoder:
+    return SlotAutoencoder(resolution=config["size"], num_slots=config["num_slots"], slot_dim=config["slot_dim"],
+                           channels=config["channels"], iters=config["iters"], backward="unrolled",
+                           broadcast=config["broadcast"], decoder_channels=config["decoder_channels"],
+                           decoder_layers=config["decoder_layers"], decoder_kernel=config["decoder_kernel"],
+                           decoder_first_kernel=config["decoder_first_kernel"], seed=config["seed"])
+
+
+def learning_rate(config: dict, step: int) -> float:
+    """lr * min(1, (step + 1) / warmup) * 0.5 ** (step / decay_half_life) (Locatello et al.'s schedule)."""
+    lr = config["lr"]
+    if config["warmup"]:
+        lr *= min(1.0, (step + 1) / config["warmup"])
+    if config["decay_half_life"]:
+        lr *= 0.5 ** (step / config["decay_half_life"])
+    return lr
+
+
+def evaluate(model: SlotAutoencoder, scenes, batch: int = 64) -> dict[str, float]:
+    """FG-ARI (argmax of the alpha masks vs the true objects) and MSE on the test scenes, at the trained
+    iteration count, with fixed slot noise."""
+    model.eval()
+    noise = torch.Generator().manual_seed(TEST_SEED)
+    aris, errs = [], []
+    with torch.no_grad():
+        for i in range(0, len(scenes), batch):
+            images = scenes.images[i:i + batch]
+            out = model(images, generator=noise, iters=model.iters)
+            aris.append(foreground_ari(scenes.labels[i:i + batch], out.segmentation()))
+            errs.append(((out.reconstruction - images) ** 2).mean((1, 2, 3)).double())
+    model.train()
+    return {"fg_ari": float(torch.cat(aris).nanmean()), "mse": float(torch.cat(errs).mean())}
+
+
+# ---- files --------------------------------------------------------------------------------------------
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    _atomic_write_bytes(path, lambda f: f.write(text))
+
+
+def _append_row(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _comparable(config: dict) -> dict:
+    return json.loads(json.dumps(config))
+
+
+# ---- one run -------------------------------------------------------------------------------------------
+
+def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list[dict]:
+    """Train (or resume) `config` in `out` up to `steps` steps; returns every row of the run.
+
+    out/config.json: the settings (a rerun with other settings is refused); out/rows.jsonl: one row every
+    `eval_every` steps and at the last step; out/ckpt.pt: the state after the last row (atomic).
+    """
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path, rows_path, ckpt_path = out / "config.json", out / "rows.jsonl", out / "ckpt.pt"
+    config = _comparable(config)
+    if config_path.exists():
+        stored = _comparable({**DEFAULTS, **json.loads(config_path.read_text())})   # settings added since: defaults
+        if stored != config:
+            raise ValueError(f"discovery: {out} holds a run of other settings ({config_path}); use another --out")
+    else:
+        text = json.dumps(config, indent=1).encode()
+        _atomic_write_bytes(config_path, lambda f: f.write(text))
+
+    seed = int(config["seed"])
+    data = dataset(config)
+    test = data.sample(config["test_scenes"], torch.Generator().manual_seed(TEST_SEED))
+    model = build_model(config)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    data_gen = torch.Generator().manual_seed(1000 * seed + 1)
+    noise_gen = torch.Generator().manual_seed(1000 * seed + 2)
+    step, wall, cpu, loss_sum, loss_count = 0, 0.0, 0.0, 0.0, 0
+    rows = read_rows(rows_path)
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        data_gen.set_state(state["data_gen"])
+        noise_gen.set_state(state["noise_gen"])
+        step, wall, cpu = state["step"], state["wall_seconds"], state["cpu_seconds"]
+        if any(r["step"] > step for r in rows):       # a row written after the last checkpoint: redone below
+            rows = [r for r in rows if r["step"] <= step]
+            _write_rows(rows_path, rows)
+    elif rows:
+        rows = []
+        _write_rows(rows_path, rows)
+
+    def record(step_now: int) -> None:
+        nonlocal loss_sum, loss_count
+        row = {"step": step_now, **evaluate(model, test),
+               "train_loss": loss_sum / loss_count if loss_count else None,
+               "lr": learning_rate(config, max(step_now - 1, 0)), "wall_seconds": round(wall, 2),
+               "cpu_seconds": round(cpu, 2),
+               "time": time.time()}
+        rows.append(row)
+        _append_row(rows_path, row)
+        state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "data_gen": data_gen.get_state(),
+                 "noise_gen": noise_gen.get_state(), "step": step_now, "wall_seconds": wall, "cpu_seconds": cpu}
+        _atomic_write_bytes(ckpt_path, lambda f: torch.save(state, f))
+        loss_sum, loss_count = 0.0, 0
+
+    if not rows:
+        record(0)
+    bar = None
+    if progress and step < steps:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, initial=step, desc=config["name"], mininterval=10)
+    while step < steps:
+        t0, c0 = time.perf_counter(), time.process_time()
+        images = data.sample(config["batch"], data_gen).images
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(config, step)
+        out_ = model(images, generator=noise_gen)
+        loss = out_.loss(images)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        if config["clip"] is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config["clip"])
+        optimiser.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"discovery: loss is {value} at step {step} of {config['name']}; lower lr or clip")
+        loss_sum, loss_count = loss_sum + value, loss_count + 1
+        step += 1
+        wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+        if step % config["eval_every"] == 0 or step == steps:
+            record(step)
+            if bar is not None:
+                bar.set_postfix(fg_ari=f"{rows[-1]['fg_ari']:.3f}", mse=f"{rows[-1]['mse']:.4f}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+# ---- README ----------------------------------------------------------------------------------------------
+
+def runs_under(root: Path) -> list[tuple[dict, list[dict]]]:
+    """(config, rows) of every run directory under root, ordered by start time."""
+    found = []
+    for config_path in sorted(root.glob("*/config.json")):
+        rows = read_rows(config_path.parent / "rows.jsonl")
+        if rows:
+            found.append(({**DEFAULTS, **json.loads(config_path.read_text())}, rows))
+    return sorted(found, key=lambda cr: cr[1][0]["time"])
+
+
+def _differences(config: dict) -> str:
+    keys = [k for k in DEFAULTS if k not in ("test_scenes", "eval_every")
+            and _comparable({k: config.get(k)}) != _comparable({k: DEFAULTS[k]})]
+    return ", ".join(f"{k}={config[k]}" for k in keys) or "(defaults)"
+
+
+def table(root: Path) -> str:
+    """Markdown: one line per run: its settings beyond DEFAULTS, steps, CPU and wall time, final and best FG-ARI,
+    final MSE, and the first step with FG-ARI >= 0.85."""
+    lines = ["| run | differs from the study's autoencoder | steps | CPU (min) | wall (min) | FG-ARI last | "
+             "FG-ARI best | MSE last | first step FG-ARI >= 0.85 |", "|---|---|---|---|---|---|---|---|---|"]
+    for config, rows in runs_under(root):
+        last = rows[-1]
+        best = max(r["fg_ari"] for r in rows)
+        hit = next((r["step"] for r in rows if r["fg_ari"] >= 0.85), None)
+        minutes = f"{last['cpu_seconds'] / 60:.1f} | {last['wall_seconds'] / 60:.1f}"
+        lines.append(f"| {config['name']} | {_differences(config)} | {last['step']} | {minutes} | "
+                     f"{last['fg_ari']:.3f} | {best:.3f} | {last['mse']:.4f} | {'-' if hit is None else hit} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLE_START, TABLE_END = "<!-- table: python -m studies.discovery --readme -->", "<!-- /table -->"
+
+
+def fill_table(readme: str, text: str) -> str:
+    """`readme` with the text between TABLE_START and TABLE_END replaced by `text` (unchanged without them)."""
+    if TABLE_START not in readme or TABLE_END not in readme:
+        return readme
+    head, rest = readme.split(TABLE_START, 1)
+    return head + TABLE_START + "\n" + text + TABLE_END + rest.split(TABLE_END, 1)[1]
+
+
+def figure(root: Path, path: Path) -> None:
+    """FG-ARI and test MSE against steps, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for config, rows in runs_under(root):
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["fg_ari"] for r in rows], label=config["name"], marker=".")
+        axes[1].plot(steps, [r["mse"] for r in rows], label=config["name"], marker=".")
+    axes[0].axhline(0.85, color="grey", ls=":", lw=1)
+    axes[0].set(xlabel="step", ylabel="FG-ARI (test scenes)", ylim=(0, 1))
+    axes[1].set(xlabel="step", ylabel="MSE (test scenes)", yscale="log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m studies.discovery", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="plain-fullres", help=f"one of {sorted(CONFIGS)}")
+    parser.add_argument("--steps", type=int, default=None, help="total steps (default 20000; 4 with --quick)")
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default reports/discovery/CONFIG)")
+    parser.add_argument("--quick", action="store_true", help="tiny model and scenes, a few steps")
+    parser.add_argument("--readme", type=Path, default=None, metavar="ROOT",
+                        help="write ROOT/table.md and ROOT/curves.png from the rows of every run under ROOT")
+    args = parser.parse_args(argv)
+    if args.readme is not None:
+        text = table(args.readme)
+        _atomic_write_bytes(args.readme / "table.md", lambda f: f.write(text.encode()))
+        readme = args.readme / "README.md"
+        if readme.exists():
+            new = fill_table(readme.read_text(), text).encode()
+            _atomic_write_bytes(readme, lambda f: f.write(new))
+        figure(args.readme, args.readme / "curves.png")
+        print(text)
+        return
+    config = config_of(args.config, args.quick)
+    steps = args.steps if args.steps is not None else (4 if args.quick else 20_000)
+    out = args.out if args.out is not None else Path("reports/discovery") / config["name"]
+    rows = train(config, steps, out)
+    last = rows[-1]
+    print(f"{config['name']}: step {last['step']}, FG-ARI {last['fg_ari']:.3f}, MSE {last['mse']:.4f}, "
+          f"{last['wall_seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
