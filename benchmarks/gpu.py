@@ -35,6 +35,8 @@ from torch import Tensor
 
 from benchmarks import _common as C
 from benchmarks._sync import syncs_per_iteration
+from fpgrad._io import jsonable
+from fpgrad.compare import relative_error
 
 DTYPE = torch.float32
 TOL = 1e-4
@@ -193,7 +195,7 @@ def run_adjoint(case: Case, s: Settings) -> list[dict]:
                 u = solver.run(jac, g, budget)
             vjps, jvps = jac.count.vjps, jac.count.jvps
             with torch.no_grad():
-                res = float((u - jac.vjp(u) - g).norm() / g.norm())
+                res = float((u - jac.JT(u) - g).norm() / g.norm())
             if math.isfinite(res) and res <= TOL:
                 hit = {"budget": budget, "vjps": vjps, "jvps": jvps, "relative_residual": res}
                 break
@@ -275,7 +277,7 @@ def run_end_to_end(case: Case, s: Settings) -> list[dict]:
             continue
         reference = flat if reference is None else reference
         rows.append({"map": case.name, "method": name, "library": name.split(":")[0],
-                     "difference_to_fpgrad_implicit": C.rel_error(flat, reference), **timed(run, s)})
+                     "difference_to_fpgrad_implicit": relative_error(flat, reference), **timed(run, s)})
     return rows
 
 
@@ -335,7 +337,7 @@ def run_syncs(case: Case, s: Settings) -> list[dict]:
     for name in ("gmres", "bicgstab", "cg_normal", "neumann"):
         def run(T, name=name):
             with _quiet_but_syncs():
-                get_solver(name, tol=0.0, max_iter=T).solve(jac.vjp, g, MT=jac.jvp if name == "cg_normal" else None,
+                get_solver(name, tol=0.0, max_iter=T).solve(jac.JT, g, MT=jac.J if name == "cg_normal" else None,
                                                             throw=False)
         rows.append({"map": case.name, "loop": "adjoint", "library": "fpgrad", "solver": name,
                      **syncs_per_iteration(run, s.device)})
@@ -386,7 +388,7 @@ def write(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
     from fpgrad.report import atomic_write_text
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in results.items():
-        atomic_write_text(out / f"{name}.json", json.dumps(C.jsonable({**meta, "section": name, "results": rows}),
+        atomic_write_text(out / f"{name}.json", json.dumps(jsonable({**meta, "section": name, "results": rows}),
                                                             indent=1) + "\n")
     atomic_write_text(out / "README.md", readme(results, meta) + "\n")
     print(f"wrote {out}/README.md and {', '.join(f'{n}.json' for n in results)}")

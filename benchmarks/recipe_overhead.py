@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from benchmarks import _common as C
+from fpgrad._io import jsonable
 
 SIZES = ((16, 256, 64, 5), (64, 64, 32, 4), (4, 1024, 128, 7))      # (B, N, D, K)
 QUICK_SIZES = ((4, 16, 8, 3), (2, 32, 16, 4))
@@ -189,7 +190,7 @@ def save(args, results: dict, targets: list[dict], started: float) -> Path:
                "seconds": round(time.perf_counter() - started, 1), "machine": info, "targets": targets,
                "results": results}
     out = Path(args.out) if args.out else C.REPORTS / "recipe_overhead.json"
-    atomic_write_text(out, json.dumps(C.jsonable(payload), indent=1) + "\n")
+    atomic_write_text(out, json.dumps(jsonable(payload), indent=1) + "\n")
     print(f"wrote {out} ({payload['seconds']} s, load average {info['load_average_start']} -> "
           f"{info['load_average_end']})")
     return out

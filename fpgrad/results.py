@@ -272,6 +272,14 @@ class CostRecord:
     series: list = field(default_factory=list)       # SeriesResidual of the truncated series (Neumann, Phantom)
     messages: list = field(default_factory=list)
 
+    def reset(self) -> None:
+        """Zero the counters and forget the recorded results (to count the next piece of work on its own)."""
+        self.vjps = self.jvps = self.forward_steps = self.backward_steps = self.bytes_saved = 0
+        self.low_precision_vjps = 0
+        self.seconds = 0.0
+        for kept in (self.forward, self.solves, self.series, self.messages):
+            kept.clear()
+
     def snapshot(self) -> Cost:
         return Cost(self.vjps, self.jvps, self.forward_steps, self.backward_steps, self.bytes_saved, self.seconds)
 

@@ -217,7 +217,7 @@ def test_batch_mismatch_between_x_and_z_is_an_error():
 
 def test_state_with_wrong_rank_is_an_error():
     m, x, _ = linear_problem(batch=3)
-    with pytest.raises(ShapeError, match="expected 1 dims"):
+    with pytest.raises(ShapeError, match=r"3 dims\), but the map's event_ndim is 1.*event_ndim=2"):
         fpgrad.solve(m, x, z0=torch.zeros(1, 3, 6, dtype=torch.float64))
 
 
