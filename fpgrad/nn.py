@@ -141,9 +141,9 @@ class ImplicitSlotAttention(nn.Module):
             return self._compiled_step(params, z, x)
         return slot_attention_step(params, z, x, eps=self.eps)
 
-    def _solver(self, iters: int) -> ForwardSolver:
+    def _solver(self, iters: int, measure_last: bool = True) -> ForwardSolver:
         if self.tol is None:
-            return Iterate.exactly(iters)
+            return Iterate.exactly(iters, measure_last=measure_last)
         return get_forward(self.forward_method, tol=self.tol, max_iter=iters)
 
     def estimator(self) -> Estimator:
@@ -198,6 +198,8 @@ class ImplicitSlotAttention(nn.Module):
         if self.tol is None:
             solve_iters = max(iters - est.taped_steps_after_solve, 0)
         # under torch.compile the solver loop runs eagerly, outside the graph (see the class docstring)
-        z = fixed_point(self._step, params, inputs, z0, forward=self._solver(solve_iters), backward=est,
-                        record=record, batched=True, check=False)
+        # steps taped after the solve evaluate f(z_T) anyway: the solve does not evaluate it once more to measure
+        solver = self._solver(solve_iters, measure_last=not est.taped_steps_after_solve)
+        z = fixed_point(self._step, params, inputs, z0, forward=solver, backward=est, record=record, batched=True,
+                        check=False)
         return (z, record) if return_info else z

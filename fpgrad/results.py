@@ -368,6 +368,8 @@ def report(result: Any, *, message: str | None = None, throw: bool = False, warn
     samples, SingularSystemError for singular ones) instead of warning; raise_diverged: raise for diverged
     samples even without throw. The error carries the result as `.solution`.
     """
+    if not (throw or warn or raise_diverged):        # nothing to say: no host sync to read the status
+        return result
     status = result.status
     if status is None or bool(_ok(status).all()):      # (a Gradient of an estimator that ran no solve: None)
         return result

@@ -73,7 +73,9 @@ class Truncated(Estimator):
         if self.T is None:
             z = solve_detached(step, params, x, z0, forward, record)
         elif self.T > self.k:
-            z = solve_detached(step, params, x, z0, Iterate.exactly(self.T - self.k, self.damping), record)
+            # the taped steps evaluate f(z_{T-k}): the solve need not evaluate it once more to measure it
+            first = Iterate.exactly(self.T - self.k, self.damping, measure_last=False)
+            z = solve_detached(step, params, x, z0, first, record)
         else:
             z = z0
         return _taped_steps(step, params, x, z, self.k, self.damping, record)

@@ -70,6 +70,10 @@ class _DetachedSolve(torch.autograd.Function):
         return fold_vmap(_DetachedSolve, info, in_dims, (step, forward, keys, record), x, z0, param_values)
 
 
+def _wrapped(t) -> bool:
+    return isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def solve_detached(step, params: Mapping[str, Tensor], x: Tensor, z0: Tensor, forward: ForwardSolver,
                    record: Any) -> Tensor:
     """The forward solve as a constant of the graph (no gradient flows through it); vmap-safe.
@@ -78,4 +82,8 @@ def solve_detached(step, params: Mapping[str, Tensor], x: Tensor, z0: Tensor, fo
     that receives the FixedPoint and the step count. Returns z* [B, ...], detached.
     """
     keys = tuple(params)
+    values = [params[k] for k in keys]
+    if not any(map(_wrapped, (x, z0, *values))):
+        # no torch.func transform to fold: the solver runs under no_grad, its output is already a constant
+        return run_forward(step, forward, keys, record, x, z0.detach(), values)
     return _DetachedSolve.apply(step, forward, keys, record, x, z0.detach(), *[params[k] for k in keys])

@@ -4,22 +4,82 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._common import ForwardSolver
+import torch
+from torch import Tensor
+
+from ..results import FixedPoint, Status
+from ._common import ForwardSolver, _BatchedStep
 
 
 @dataclass(frozen=True)
 class Iterate(ForwardSolver):
-    """Picard iteration z_{t+1} = f(z_t) (with optional damping); converges at rate ~ rho(J)."""
+    """Picard iteration z_{t+1} = f(z_t) (with optional damping); converges at rate ~ rho(J).
+
+    measure_last: (only for `Iterate.exactly`) evaluate f once more at the returned z_T to measure its residual
+    (T + 1 step evaluations). False: exactly T evaluations, as a hand-written loop; the residual of z_T is then
+    not measured (NaN in the last row of `residuals`): what one-step / truncated training uses, whose taped steps
+    evaluate f(z_T) anyway.
+    """
+
+    measure_last: bool = True
 
     name = "iterate"
 
     @classmethod
-    def exactly(cls, steps: int, damping: float = 0.0) -> Iterate:
+    def exactly(cls, steps: int, damping: float = 0.0, measure_last: bool = True) -> Iterate:
         """Exactly `steps` plain iterations from z0, returning the last iterate: no stopping test, no
-        best-iterate selection, no warning (what unrolled training and "T iterations" mean)."""
+        best-iterate selection, no warning (what unrolled training and "T iterations" mean). Runs without a host
+        sync per iteration (one finiteness check at the end)."""
         if int(steps) < 0:
             raise ValueError(f"Iterate.exactly: steps must be >= 0, got {steps}")
-        return cls(tol=0.0, atol=0.0, max_iter=int(steps), damping=damping, warn=False, return_best=False)
+        return cls(tol=0.0, atol=0.0, max_iter=int(steps), damping=damping, warn=False, return_best=False,
+                   measure_last=measure_last)
+
+    @property
+    def is_exact(self) -> bool:
+        """A fixed number of steps: no stopping test can fire before max_iter (tol = atol = 0), the last iterate is
+        returned, nothing warns or raises."""
+        return (self.tol == 0.0 and self.atol == 0.0 and not self.return_best and not self.warn
+                and not self.throw)
 
     def _propose(self, state, z, fz):
         return fz
+
+    def _loop(self, step, params, x, z0: Tensor) -> FixedPoint:
+        if not self.is_exact:
+            if not self.measure_last:
+                raise ValueError("Iterate: measure_last=False needs exactly T steps (use Iterate.exactly(T, "
+                                 "measure_last=False)); a stopping test needs every residual")
+            return super()._loop(step, params, x, z0)
+        return self._exact_loop(step, params, x, z0)
+
+    def _exact_loop(self, step, params, x, z0: Tensor) -> FixedPoint:
+        """T steps without per-iteration host syncs: the residuals stay on the device, NaN/Inf is looked for once."""
+        B, T, d = z0.shape[0], self.max_iter, self.damping
+        f = _BatchedStep(step, params, x, z0.shape[1:])
+        z = z0.reshape(B, -1)
+        trace, rel_trace = [], []
+        tiny = torch.finfo(z.dtype).tiny
+        for t in range(T + 1 if self.measure_last else T):
+            fz = f(z, None)
+            r = (fz - z).norm(dim=1)
+            trace.append(r)
+            rel_trace.append(r / (fz.norm(dim=1) + tiny))
+            if t < T:
+                z = fz if d == 0.0 else z + (1.0 - d) * (fz - z)
+        if not self.measure_last:            # the residual of z_T: not evaluated
+            nan = torch.full((B,), float("nan"), dtype=z.dtype, device=z.device)
+            trace.append(nan)
+            rel_trace.append(nan)
+        self._check_finite(torch.ones(B, dtype=torch.bool, device=z.device), T, z)
+        residuals, relative = torch.stack(trace), torch.stack(rel_trace)
+        last, last_rel = residuals[-1], relative[-1]
+        converged = (last == 0) & torch.isfinite(last)       # tol = 0: only an exact fixed point
+        floor = last_rel <= 1e3 * torch.finfo(z.dtype).eps
+        status = torch.where(converged, int(Status.CONVERGED),
+                             torch.where(floor, int(Status.STAGNATED), int(Status.MAX_ITER))).long()
+        steps = torch.full((B,), f.evaluations, dtype=torch.long, device=z.device)
+        measured = "" if self.measure_last else "; the residual of z_T was not measured"
+        message = f"{self.name}: exactly {T} step(s) from z0 ({f.evaluations} evaluations{measured})"
+        return FixedPoint(z.reshape(z0.shape), steps, residuals, converged, relative, self.name, message,
+                          f.evaluations, {}, status, None)
