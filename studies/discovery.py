@@ -56,8 +56,15 @@ QUICK: dict[str, Any] = dict(size=16, min_objects=1, max_objects=2, num_slots=3,
                              background=(0.0, 0.0, 0.0), test_scenes=8, eval_every=2)
 
 
-def config_of(name: str, quick: bool = False) -> dict[str, Any]:
-    """The full settings of a named configuration (DEFAULTS updated by CONFIGS[name], or by QUICK)."""
+def config_of(name: str, quick: bool = False, seed: int | None = None) -> dict[str, Any]:
+    """The full settings of a named configuration (DEFAULTS updated by CONFIGS[name], or by QUICK).
+
+    seed: overrides the configuration's seed (parameters, training scenes, slot noise; the test scenes stay
+    the same); a run with seed s != 0 is named NAME-sS.
+    """
+    if seed is not None:
+        base = config_of(name, quick)
+        return {**base, "seed": int(seed), "name": base["name"] + (f"-s{int(seed)}" if int(seed) else "")}
     if quick:
         return {**DEFAULTS, **QUICK, "name": "quick"}
     if name not in CONFIGS:
@@ -305,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="plain-fullres", help=f"one of {sorted(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=None, help="total steps (default 20000; 4 with --quick)")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default reports/discovery/CONFIG)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="override the configuration's seed (default: its own, 0); the run is named CONFIG-sSEED")
     parser.add_argument("--quick", action="store_true", help="tiny model and scenes, a few steps")
     parser.add_argument("--readme", type=Path, default=None, metavar="ROOT",
                         help="write ROOT/table.md and ROOT/curves.png from the rows of every run under ROOT")
@@ -319,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         figure(args.readme, args.readme / "curves.png")
         print(text)
         return
-    config = config_of(args.config, args.quick)
+    config = config_of(args.config, args.quick, args.seed)
     steps = args.steps if args.steps is not None else (4 if args.quick else 20_000)
     out = args.out if args.out is not None else Path("reports/discovery") / config["name"]
     rows = train(config, steps, out)

@@ -81,3 +81,16 @@ def test_readme_table_is_replaced_between_its_markers_only():
     out = discovery.fill_table(readme, "| new |\n")
     assert out == f"intro\n{discovery.TABLE_START}\n| new |\n{discovery.TABLE_END}\nreading\n"
     assert discovery.fill_table("no markers", "| new |\n") == "no markers"
+
+
+def test_seed_override_names_the_run_and_changes_the_training(tmp_path):
+    base = discovery.config_of("plain-fullres")
+    one = discovery.config_of("plain-fullres", seed=1)
+    assert one["name"] == "plain-fullres-s1" and one["seed"] == 1
+    assert {k: v for k, v in one.items() if k not in ("seed", "name")} == \
+        {k: v for k, v in base.items() if k not in ("seed", "name")}
+    assert discovery.config_of("plain-fullres", seed=0)["name"] == "plain-fullres"
+    quick0, quick1 = discovery.config_of("", quick=True), discovery.config_of("", quick=True, seed=1)
+    a = discovery.train(quick0, 2, tmp_path / "a", progress=False)
+    b = discovery.train(quick1, 2, tmp_path / "b", progress=False)
+    assert a[0]["mse"] != b[0]["mse"]            # other parameters at step 0; the test scenes are the same
