@@ -55,6 +55,14 @@ class ForwardSolver:
     return_best: return each sample's lowest-residual iterate (default) rather than its last one.
     Anderson and Broyden restart a sample from its best iterate with an empty history when its
     residual exceeds restart_factor x its best, or has not improved for `patience` steps.
+    check_every: how often the loop asks the host whether every sample has converged, which samples are
+    still active, and whether a NaN/Inf appeared (each question is a device -> host synchronisation, which
+    stalls a GPU's stream). None (default): every iteration on the CPU, every 8 on CUDA. Between checks the
+    per-sample masking stays on the device: a sample that converged keeps its result (later evaluations of
+    it are discarded), a NaN is recorded with its iteration and raised at the next check, restarts are
+    applied by mask. The result equals check_every=1's up to round-off (the active subset evaluated at a
+    time can differ, so kernels may see other batch shapes); at most check_every - 1 iterations are run
+    after the last sample converged.
     """
 
     tol: float = 1e-6
@@ -66,6 +74,7 @@ class ForwardSolver:
     restart_factor: float = 1e2
     patience: int = 50
     return_best: bool = True
+    check_every: int | None = None
 
     name = "base"
     restarts = False   # quasi-Newton methods restart from the best iterate when the residual blows up
@@ -95,6 +104,10 @@ class ForwardSolver:
             raise ValueError(f"{self.name}: damping must be in [0, 1), got {self.damping}")
         if self.max_iter < 0:
             raise ValueError(f"{self.name}: max_iter must be >= 0, got {self.max_iter}")
+        if self.check_every is not None and (isinstance(self.check_every, bool)
+                                             or not isinstance(self.check_every, int) or self.check_every < 1):
+            raise ValueError(f"{self.name}: check_every must be an int >= 1 (iterations between host checks) "
+                             f"or None (1 on the CPU, 8 on CUDA), got {self.check_every!r}")
         if check:
             check_inputs(params, z0, x, where=f"fpgrad.solve(method='{self.name}')")
         if not batched:
@@ -108,6 +121,12 @@ class ForwardSolver:
                                 result.relative_residuals[:, 0], result.method, result.message,
                                 result.evaluations, result.info, result.status[0], result.inverse)
         return report(result, message="fpgrad.solve: " + result.message, throw=self.throw, warn=self.warn)
+
+    def check_period(self, device: torch.device) -> int:
+        """Iterations between host checks on `device` (check_every, or its default there)."""
+        if self.check_every is not None:
+            return int(self.check_every)
+        return 8 if torch.device(device).type == "cuda" else 1
 
     def _loop(self, step, params, x, z0: Tensor) -> FixedPoint:
         B = z0.shape[0]
@@ -124,20 +143,31 @@ class ForwardSolver:
         trace, rel_trace = [res.clone()], [best_rel.clone()]
         state = self._init(z, fz)
         since_best = torch.zeros(B, dtype=torch.long, device=z.device)
+        period = self.check_period(z.device)
+        # with period > 1: the iteration at which each sample first held a NaN/Inf (-1: never), read at a check
+        first_bad = torch.full((B,), -1, dtype=torch.long, device=z.device) if period > 1 else None
+        idx = None
         for it in range(1, self.max_iter + 1):
             active = ~converged
-            if not bool(active.any()):
-                break
+            if period == 1 or (it - 1) % period == 0:      # the host check: the only syncs of the iteration
+                if first_bad is not None:
+                    self._raise_recorded_nonfinite(first_bad)
+                if not bool(active.any()):
+                    break
+                idx = None if bool(active.all()) else active.nonzero().squeeze(1)
             proposal = self._propose(state, z, fz)
             if self.damping:
                 proposal = z + (1.0 - self.damping) * (proposal - z)
-            idx = None if bool(active.all()) else active.nonzero().squeeze(1)
             if idx is None:
                 fz_new = f(proposal, None)
             else:
                 fz_new = fz.clone()
                 fz_new[idx] = f(proposal[idx], idx)
-            self._check_finite(active, it, proposal, fz_new)
+            if first_bad is None:
+                self._check_finite(active, it, proposal, fz_new)
+            else:
+                bad = active & ~(torch.isfinite(proposal).all(dim=1) & torch.isfinite(fz_new).all(dim=1))
+                first_bad = torch.where(bad & (first_bad < 0), it, first_bad)
             state = self._update(state, z, fz, proposal, fz_new, active)
             a = active.unsqueeze(1)
             z = torch.where(a, proposal, z)
@@ -158,7 +188,8 @@ class ForwardSolver:
             # for `patience` steps, restarts from its best iterate with an empty history
             since_best = torch.where(better, torch.zeros_like(since_best), since_best + active.long())
             lost = active & ((res > self.restart_factor * best_res) | (since_best >= self.patience))
-            if self.restarts and bool(lost.any()):
+            # (between host checks the restart is applied by mask: a no-op for the samples not lost)
+            if self.restarts and (period > 1 or bool(lost.any())):
                 since_best = torch.where(lost, torch.zeros_like(since_best), since_best)
                 z = torch.where(lost.unsqueeze(1), best_z, z)
                 fz = torch.where(lost.unsqueeze(1), best_fz, fz)
@@ -166,6 +197,11 @@ class ForwardSolver:
                 state = self._restart(state, z, fz, lost)
             trace.append(best_res.clone())
             rel_trace.append(best_rel.clone())
+        if first_bad is not None:
+            self._raise_recorded_nonfinite(first_bad)
+            # the iterations run after the last sample converged add rows that check_every=1 does not
+            used = int(steps.max()) if B else 1
+            trace, rel_trace = trace[:used], rel_trace[:used]
         residuals = torch.stack(trace)
         message = self._message(residuals, converged, steps, best_rel)
         info = self._info(state)
@@ -183,10 +219,21 @@ class ForwardSolver:
             bad = active & ~torch.stack([torch.isfinite(t).all(dim=1) for t in tensors]).all(0)
             if bool(bad.any()):
                 samples = bad.nonzero().squeeze(1).tolist()
-                raise NonFiniteError(
-                    f"fpgrad.solve(method='{self.name}'): NaN/Inf appeared at iteration {it} in sample(s) "
-                    f"{samples[:10]}; the map overflowed: check its inputs and parameters, add damping, "
-                    f"or use method='iterate'")
+                raise self._nonfinite(it, samples)
+
+    def _nonfinite(self, it: int, samples: list[int]) -> NonFiniteError:
+        return NonFiniteError(
+            f"fpgrad.solve(method='{self.name}'): NaN/Inf appeared at iteration {it} in sample(s) "
+            f"{samples[:10]}; the map overflowed: check its inputs and parameters, add damping, "
+            f"or use method='iterate'")
+
+    def _raise_recorded_nonfinite(self, first_bad: Tensor) -> None:
+        """Raise for the samples whose recorded first NaN/Inf iteration is set (check_every > 1)."""
+        seen = first_bad >= 0
+        if bool(seen.any()):
+            samples = seen.nonzero().squeeze(1).tolist()
+            it = int(first_bad[seen].min())
+            raise self._nonfinite(it, samples)
 
     def _message(self, residuals: Tensor, converged: Tensor, steps: Tensor, relative: Tensor) -> str:
         B = converged.numel()

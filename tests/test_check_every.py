@@ -1,0 +1,111 @@
+"""ForwardSolver(check_every=k): the host is asked only every k iterations (converged? which samples are active? a
+NaN?), the per-sample masking stays on the device, and the result equals check_every=1's up to round-off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks._sync import syncs_per_iteration
+from fpgrad.errors import NonFiniteError
+from fpgrad.forward import Anderson, Broyden, Iterate, get_forward
+
+SOLVERS = {"iterate": Iterate, "anderson": Anderson, "broyden": Broyden}
+
+
+def _tanh_map(n: int, B: int, seed: int, rho: float):
+    """z -> tanh(A_b z + x_b) with a different contraction level per sample (so samples stop at different
+    iterations): ||A_b||_2 = rho * (0.5 + 0.5 b / B)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, n, generator=g, dtype=torch.float64)
+    W = W / torch.linalg.matrix_norm(W, ord=2)
+    levels = rho * (0.5 + 0.5 * torch.arange(1, B + 1, dtype=torch.float64) / B)
+    x = torch.randn(B, n, generator=g, dtype=torch.float64)
+    z0 = torch.zeros(B, n, dtype=torch.float64)
+
+    def step(params, z, x_):
+        # each sample's own level travels with x (the loop indexes x by the active subset)
+        level, xx = x_[:, :1], x_[:, 1:]
+        return torch.tanh(level * (z @ params["W"].T) + xx)
+
+    return step, {"W": W}, torch.cat([levels[:, None], x], dim=1), z0
+
+
+@settings(max_examples=40, deadline=None)
+@given(method=st.sampled_from(sorted(SOLVERS)), k=st.sampled_from([2, 3, 8]), B=st.integers(1, 5),
+       n=st.integers(2, 12), seed=st.integers(0, 2 ** 16), rho=st.floats(0.2, 0.95))
+def test_checking_every_k_iterations_gives_the_result_of_checking_every_one(method, k, B, n, seed, rho):
+    step, params, x, z0 = _tanh_map(n, B, seed, rho)
+    every = SOLVERS[method](tol=1e-10, max_iter=400, check_every=1)
+    sparse = SOLVERS[method](tol=1e-10, max_iter=400, check_every=k)
+    a = every.solve(step, params, x, z0)
+    b = sparse.solve(step, params, x, z0)
+    assert torch.equal(a.converged, b.converged)
+    assert torch.equal(a.steps, b.steps)                 # iterations each sample was active: the same
+    assert a.residuals.shape == b.residuals.shape        # the rows run after the last convergence are dropped
+    torch.testing.assert_close(b.z, a.z, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(b.residuals, a.residuals, rtol=1e-6, atol=1e-13)
+    assert torch.equal(a.status, b.status)
+
+
+def test_a_sample_that_does_not_converge_is_reported_the_same():
+    step, params, x, z0 = _tanh_map(6, 3, 0, 0.99)
+    a = Anderson(tol=1e-14, max_iter=7, check_every=1, warn=False).solve(step, params, x, z0)
+    b = Anderson(tol=1e-14, max_iter=7, check_every=4, warn=False).solve(step, params, x, z0)
+    assert not bool(b.converged.any()) and torch.equal(a.steps, b.steps)
+    assert a.residuals.shape == b.residuals.shape == (8, 3)
+    torch.testing.assert_close(b.z, a.z)
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_nan_between_checks_is_raised_with_its_iteration_and_sample(method):
+    calls = {"n": 0}
+
+    def step(params, z, x):
+        calls["n"] += 1
+        out = torch.tanh(0.5 * z) + x
+        if calls["n"] == 4:                   # the 3rd iteration's evaluation (the 1st is f(z0))
+            out = out.clone()
+            out[1, 0] = float("nan")
+        return out
+
+    x = torch.ones(3, 4, dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match=r"iteration 3 in sample\(s\) \[1\]"):
+        SOLVERS[method](tol=1e-15, max_iter=50, check_every=8).solve(step, {}, x, torch.zeros(3, 4,
+                                                                                                dtype=torch.float64))
+    assert calls["n"] <= 1 + 8                            # raised at the next check, not at the end of the solve
+
+
+def _exact_run(method: str, k: int):
+    step, params, x, z0 = _tanh_map(16, 4, 1, 0.9)
+
+    def run(T: int):
+        # tol 0: no sample ever stops, so the solver runs exactly T iterations
+        return SOLVERS[method](tol=0.0, max_iter=T, check_every=k, warn=False).solve(step, params, x, z0)
+    return run
+
+
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+def test_syncs_per_iteration_fall_with_the_check_period(method):
+    every = syncs_per_iteration(_exact_run(method, 1), "cpu", low=8, high=24)["per_iteration"]
+    sparse = syncs_per_iteration(_exact_run(method, 8), "cpu", low=8, high=24)["per_iteration"]
+    assert every >= 2                                      # converged? all active? finite? (and lost? with restarts)
+    assert sparse <= 0.5
+    assert sparse <= every / 4
+
+
+def test_default_period_is_one_on_the_cpu_and_eight_on_cuda():
+    solver = Anderson()
+    assert solver.check_every is None
+    assert solver.check_period(torch.device("cpu")) == 1
+    assert solver.check_period(torch.device("cuda")) == 8       # reads the device type only: no GPU needed
+    assert Anderson(check_every=3).check_period(torch.device("cuda")) == 3
+    assert get_forward("iterate", check_every=4).check_every == 4
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "8"])
+def test_a_bad_check_period_is_named(bad):
+    with pytest.raises(ValueError, match="check_every must be an int >= 1"):
+        Iterate(check_every=bad).solve(lambda p, z, x: 0.5 * z, {}, None, torch.zeros(2, 3))
