@@ -323,6 +323,7 @@ def run_syncs(case: Case, s: Settings) -> list[dict]:
     """Host syncs per iteration of each forward solver (fpgrad's and TorchDEQ's, tol 0 so that none stops early)
     and of each of fpgrad's Krylov / Neumann adjoint solvers."""
     from benchmarks.forward_solve import solvers as forward_solvers
+    from fpgrad.forward import get_forward
     from fpgrad.linsolve import get_solver
     rows = []
     for name, (library, _) in forward_solvers(10, 0.0).items():
@@ -331,15 +332,25 @@ def run_syncs(case: Case, s: Settings) -> list[dict]:
                 forward_solvers(T, 0.0)[name][1](case.step, case.params, case.x, case.z0)
         rows.append({"map": case.name, "loop": "forward", "library": library, "solver": name,
                      **syncs_per_iteration(run, s.device)})
+    # fpgrad's loops checking the host every iteration (check_every=1) beside their default on this device
+    for name in ("iterate", "anderson", "broyden"):
+        def run(T, name=name):
+            with _quiet_but_syncs():
+                get_forward(name, tol=0.0, max_iter=T, warn=False, check_every=1).solve(
+                    case.step, case.params, case.x, case.z0)
+        rows.append({"map": case.name, "loop": "forward", "library": "fpgrad", "solver": f"{name} check_every=1",
+                     **syncs_per_iteration(run, s.device)})
     z = _fixed_point(case, s)
     jac = C.Jacobian(case.step, case.params, case.x, z)
     g = torch.ones(z.shape[0], z[0].numel(), dtype=DTYPE, device=z.device)
-    for name in ("gmres", "bicgstab", "cg_normal", "neumann"):
-        def run(T, name=name):
+    for name, options in (("gmres", {}), ("gmres", {"check_every": 1}), ("bicgstab", {}),
+                          ("bicgstab", {"check_every": 1}), ("cg_normal", {}), ("neumann", {})):
+        def run(T, name=name, options=options):
             with _quiet_but_syncs():
-                get_solver(name, tol=0.0, max_iter=T).solve(jac.JT, g, MT=jac.J if name == "cg_normal" else None,
-                                                            throw=False)
-        rows.append({"map": case.name, "loop": "adjoint", "library": "fpgrad", "solver": name,
+                get_solver(name, tol=0.0, max_iter=T, **options).solve(
+                    jac.JT, g, MT=jac.J if name == "cg_normal" else None, throw=False)
+        label = name + "".join(f" {k}={v}" for k, v in options.items())
+        rows.append({"map": case.name, "loop": "adjoint", "library": "fpgrad", "solver": label,
                      **syncs_per_iteration(run, s.device)})
     return rows
 

@@ -18,6 +18,20 @@ def sum_is_finite(t: Tensor, dim: int | None = None) -> Tensor:
     return torch.isfinite(t.sum() if dim is None else t.sum(dim=dim))
 
 
+CUDA_CHECK_PERIOD = 8     # iterations between host checks on CUDA when a solver's check_every is None
+
+
+def check_period(check_every: int | None, device: torch.device | str, where: str) -> int:
+    """Iterations between a solver loop's host checks (each a device -> host sync): `check_every`, validated, or
+    its default, 1 on the CPU (where nothing syncs) and CUDA_CHECK_PERIOD on CUDA."""
+    if check_every is None:
+        return CUDA_CHECK_PERIOD if torch.device(device).type == "cuda" else 1
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"{where}: check_every must be an int >= 1 (iterations between host checks) or None "
+                         f"(1 on the CPU, {CUDA_CHECK_PERIOD} on CUDA), got {check_every!r}")
+    return check_every
+
+
 def check_finite(t: Tensor, name: str) -> None:
     """Raise NonFiniteError if `t` holds NaN or Inf."""
     if t.is_floating_point() or t.is_complex():

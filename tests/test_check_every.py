@@ -1,5 +1,6 @@
-"""ForwardSolver(check_every=k): the host is asked only every k iterations (converged? which samples are active? a
-NaN?), the per-sample masking stays on the device, and the result equals check_every=1's up to round-off."""
+"""check_every=k in the forward solvers and the Krylov loops (GMRES, BiCGSTAB): the host is asked only every k
+iterations (converged? which samples are active? a NaN?), the per-sample masking stays on the device, and the
+result equals check_every=1's up to round-off."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from linsolve_helpers import make_problem
 
 from benchmarks._sync import syncs_per_iteration
 from fpgrad.errors import NonFiniteError
 from fpgrad.forward import Anderson, Broyden, Iterate, get_forward
+from fpgrad.linsolve import GMRES, BiCGSTAB
 
 SOLVERS = {"iterate": Iterate, "anderson": Anderson, "broyden": Broyden}
 
@@ -109,3 +112,52 @@ def test_default_period_is_one_on_the_cpu_and_eight_on_cuda():
 def test_a_bad_check_period_is_named(bad):
     with pytest.raises(ValueError, match="check_every must be an int >= 1"):
         Iterate(check_every=bad).solve(lambda p, z, x: 0.5 * z, {}, None, torch.zeros(2, 3))
+
+
+# ---- the Krylov loops (GMRES's batched cycle, BiCGSTAB) ------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(["gmres", "bicgstab"]), k=st.sampled_from([2, 3, 8]), B=st.integers(2, 5),
+       n=st.integers(2, 30), seed=st.integers(0, 2 ** 16), radius=st.floats(0.1, 0.95),
+       restart=st.integers(2, 30))
+def test_krylov_checking_every_k_iterations_gives_the_result_of_checking_every_one(name, k, B, n, seed, radius,
+                                                                                    restart):
+    radii = [radius * (0.4 + 0.6 * i / (B - 1)) for i in range(B)]   # samples that stop at different steps
+    p = make_problem(n, radii, seed=seed)
+
+    def build(period):
+        if name == "gmres":
+            return GMRES(tol=1e-10, max_iter=300, restart=restart, check_every=period)
+        return BiCGSTAB(tol=1e-10, max_iter=300, check_every=period)
+    a = build(1).compute(p.M, p.b)
+    b = build(k).compute(p.M, p.b)
+    assert torch.equal(a.status, b.status) and torch.equal(a.iterations, b.iterations)
+    assert a.residuals.shape == b.residuals.shape       # the idle steps after the last sample stopped are dropped
+    torch.testing.assert_close(b.u, a.u, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(b.residuals, a.residuals, rtol=1e-6, atol=1e-13)
+    assert b.matvecs >= a.matvecs                       # idle steps are computed, and counted
+    assert bool((p.residual(b.u) <= 2e-10).all())
+
+
+@pytest.mark.parametrize("name", ["gmres", "bicgstab"])
+def test_krylov_syncs_per_iteration_fall_with_the_check_period(name):
+    p = make_problem(24, [0.9, 0.95, 0.99], seed=3)
+
+    def run_with(period):
+        def run(T):
+            # tol 0: no sample stops; GMRES with one cycle of T steps (restart = T), BiCGSTAB T iterations
+            solver = (GMRES(tol=0.0, max_iter=T, restart=T, check_every=period) if name == "gmres"
+                      else BiCGSTAB(tol=0.0, max_iter=T, check_every=period))
+            return solver.compute(p.M, p.b)
+        return run
+    every = syncs_per_iteration(run_with(1), "cpu", low=8, high=16)["per_iteration"]
+    sparse = syncs_per_iteration(run_with(8), "cpu", low=8, high=16)["per_iteration"]
+    assert every >= 1
+    assert sparse <= 0.25
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0])
+def test_a_bad_krylov_check_period_is_named(bad):
+    for solver in (GMRES(check_every=bad), BiCGSTAB(check_every=bad)):
+        with pytest.raises(ValueError, match="check_every must be an int >= 1"):
+            solver.compute(lambda v: 0.5 * v, torch.ones(2, 3))

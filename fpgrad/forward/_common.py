@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .._checks import check_batch, check_inputs, check_step_output, sum_is_finite
+from .._checks import check_batch, check_inputs, check_period, check_step_output, sum_is_finite
 from ..errors import NonFiniteError
 from ..results import FixedPoint, Status, report
 
@@ -104,10 +104,7 @@ class ForwardSolver:
             raise ValueError(f"{self.name}: damping must be in [0, 1), got {self.damping}")
         if self.max_iter < 0:
             raise ValueError(f"{self.name}: max_iter must be >= 0, got {self.max_iter}")
-        if self.check_every is not None and (isinstance(self.check_every, bool)
-                                             or not isinstance(self.check_every, int) or self.check_every < 1):
-            raise ValueError(f"{self.name}: check_every must be an int >= 1 (iterations between host checks) "
-                             f"or None (1 on the CPU, 8 on CUDA), got {self.check_every!r}")
+        check_period(self.check_every, getattr(z0, "device", "cpu"), self.name)
         if check:
             check_inputs(params, z0, x, where=f"fpgrad.solve(method='{self.name}')")
         if not batched:
@@ -124,9 +121,7 @@ class ForwardSolver:
 
     def check_period(self, device: torch.device) -> int:
         """Iterations between host checks on `device` (check_every, or its default there)."""
-        if self.check_every is not None:
-            return int(self.check_every)
-        return 8 if torch.device(device).type == "cuda" else 1
+        return check_period(self.check_every, device, self.name)
 
     def _loop(self, step, params, x, z0: Tensor) -> FixedPoint:
         B = z0.shape[0]

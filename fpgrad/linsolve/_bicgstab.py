@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import check_period
 from ._common import BREAKDOWN, MAX_ITER, LinearSolver, _Run, dot, safe
 
 
@@ -18,9 +19,18 @@ class BiCGSTAB(LinearSolver):
     Two matvecs per iteration (one when a sample converges at the half step); max_iter counts iterations.
     A breakdown (rho = <r_hat, r> or <r_hat, v> or omega ~ 0) ends the sample's cycle: it restarts from its
     true residual with r_hat = r; a breakdown right after such a restart is reported.
+    check_every: iterations between the host's checks (any sample still running? any needing the second half
+    step?), each a device -> host sync; None: 1 on the CPU, 8 on CUDA. Between checks the masks stay on the
+    device (the second half step runs masked); the iterations run after the last sample stopped are dropped
+    from the trace (their matvecs are counted).
     """
 
     max_iter: int = 500
+    check_every: int | None = None
+
+    def _check_config(self) -> None:
+        super()._check_config()
+        check_period(self.check_every, "cpu", self.name)
 
     name: ClassVar[str] = "bicgstab"
     fixes: ClassVar[dict] = {
@@ -38,7 +48,10 @@ class BiCGSTAB(LinearSolver):
         broke = torch.zeros_like(members)
         active = members
         first = True
-        while run.budget > 0 and bool(active.any()):
+        period = check_period(self.check_every, run.b.device, self.name)
+        i = 0
+        while run.budget > 0 and ((period > 1 and i % period) or bool(active.any())):
+            i += 1
             rho = dot(r_hat, r)
             bad = active & ~(rho.abs() > eps * r_hat_norm * r.norm(dim=1))
             beta = (rho / safe(rho_old)) * (alpha / safe(omega))
@@ -55,7 +68,7 @@ class BiCGSTAB(LinearSolver):
             u = u + alpha.unsqueeze(1) * p_hat
             half = s.norm(dim=1) / run.scale
             rest = active & ~(half <= run.threshold)                 # samples that need the second half step
-            if bool(rest.any()):
+            if period > 1 or bool(rest.any()):      # (masked: with none in `rest` it leaves u and r as they are)
                 s_hat = run.precondition(s)
                 t = run.A(s_hat, rest)
                 tt = dot(t, t)
@@ -71,5 +84,7 @@ class BiCGSTAB(LinearSolver):
             active = active & (omega.abs() > 0)        # omega = 0: the next beta divides by it, so restart
             rho_old = rho
             first = False
+        if period > 1:
+            run.drop_idle_tail(period - 1)
         run.u = u
         return broke

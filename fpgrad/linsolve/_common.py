@@ -171,6 +171,22 @@ class _Run:
         self.actives.extend(torch.ones_like(rels, dtype=torch.bool).unbind(0))
         self._classify(rels[-1], torch.ones_like(self.status, dtype=torch.bool), converge=False)
 
+    def drop_idle_tail(self, window: int) -> None:
+        """Drop the trailing rows (at most `window`) in which no sample took part: the iterations a loop that asks
+        the host only every few iterations (check_every) ran after its last sample stopped. They return their
+        budget; their matvecs stay counted (they were computed). One host sync."""
+        if window <= 0 or not self.actives:
+            return
+        took_part = torch.stack(self.actives[-window:]).any(dim=1).tolist()
+        idle = 0
+        for flag in reversed(took_part):
+            if flag:
+                break
+            idle += 1
+        if idle:
+            del self.rows[-idle:]
+            del self.actives[-idle:]
+
     def refresh(self, mask: Tensor, record: bool = False) -> None:
         """Recompute the true residual r = b - (I - M) u of the samples in `mask` (one matvec); flag them."""
         r = self.b - self.A(self.u, mask)

@@ -11,6 +11,7 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
+from .._checks import check_period
 from ._common import MAX_ITER, STAGNATED, LinearSolver, _Run, safe
 
 
@@ -26,9 +27,14 @@ class GMRES(LinearSolver):
     residual is computed (one matvec) and the cycle restarts from it. max_iter counts Arnoldi steps (matvecs
     other than these residual checks). With right preconditioning the minimised residual is the true one.
     A batch of one sample solves its small Hessenberg problem on the host (same arithmetic, fewer tensor ops).
+    check_every: Arnoldi steps between the host's "is any sample still stepping?" check (a device -> host
+    sync); None: 1 on the CPU, 8 on CUDA. Between checks the per-sample masks stay on the device; the steps
+    run after the last sample stopped are dropped from the trace (their matvecs are counted). The batch of
+    one solves on the host and syncs once a step whatever check_every says.
     """
 
     restart: int = 30
+    check_every: int | None = None
 
     name: ClassVar[str] = "gmres"
     fixes: ClassVar[dict] = {
@@ -41,6 +47,7 @@ class GMRES(LinearSolver):
         super()._check_config()
         if self.restart < 1:
             raise ValueError(f"gmres: restart must be >= 1, got {self.restart}")
+        check_period(self.check_every, "cpu", self.name)
 
     def _cycle(self, run: _Run, members: Tensor) -> Tensor | None:
         if run.b.shape[0] == 1:
@@ -54,8 +61,9 @@ class GMRES(LinearSolver):
         steps = torch.zeros_like(run.status)
         active = members
         k = 0
+        period = check_period(self.check_every, run.b.device, self.name)
         for j in range(m):
-            if not bool(active.any()):
+            if (period == 1 or j % period == 0) and not bool(active.any()):
                 break
             if j == R.shape[-1]:
                 V, Qt, R = _workspace(run.b, min(2 * j, m), (V, Qt, R))
@@ -68,6 +76,8 @@ class GMRES(LinearSolver):
             rel = beta * Qt[:, j + 1, 0].abs() / run.scale
             active = run.record(rel, active) & stepping & ~(rel <= run.threshold)
             k = j + 1
+        if period > 1:
+            run.drop_idle_tail(period - 1)
         if k > 0:
             y = least_squares(Qt, R, beta, steps, k)
             du = run.precondition(torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1))
