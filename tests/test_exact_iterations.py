@@ -141,3 +141,18 @@ def test_finite_inputs_whose_sums_overflow_are_not_called_non_finite():
     assert not torch.isfinite(big.sum())
     z = fpgrad.fixed_point(step, params, big, torch.zeros_like(big), forward=Iterate.exactly(2), backward=OneStep())
     torch.testing.assert_close(z, hand_loop(step, params, big, torch.zeros_like(big), 3))
+
+
+@pytest.mark.parametrize("T", [7, 8, 9, 17])
+def test_residuals_measured_in_chunks_are_each_steps_own(T):
+    """The exact loop measures residuals a chunk of steps at a time; each row is still ||f(z_t) - z_t|| of its step."""
+    step, params, x = tanh_map(scale=0.9)
+    z = torch.zeros_like(x)
+    expected = []
+    for _ in range(T + 1):
+        f = step(params, z, x)
+        expected.append((f - z).norm(dim=1))
+        z = f
+    fp = Iterate.exactly(T).solve(step, params, x, torch.zeros_like(x))
+    torch.testing.assert_close(fp.residuals, torch.stack(expected))
+    torch.testing.assert_close(fp.relative_residuals[-1], expected[-1] / step(params, fp.z, x).norm(dim=1))
