@@ -18,7 +18,9 @@ import argparse
 import json
 import math
 import os
+import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,30 @@ DEFAULTS: dict[str, Any] = dict(
     decoder_first_kernel=3,
     iters=3, batch=16, lr=4e-4, warmup=500, decay_half_life=None, clip=None, seed=0,
     test_scenes=128, eval_every=500,
+    # the arms (issue #20, section 2): the slot attention gradient, its forward, the spectral penalty, instruments
+    estimator="unrolled", tol=None, forward="iterate", penalty=0.0, penalty_target=0.9, instruments=False,
 )
+
+# The arms: what differs from the discovery configuration (each run with `instruments`). The exact implicit and
+# Neumann arms solve the slots to a relative residual of 1e-4 (float32) with Anderson, at most 30 steps, and
+# differentiate at that z* (Implicit: by GMRES, its default; Neumann-5: five terms of the series, which assume a
+# fixed point too); with the penalty, loss += penalty * mean_b max(0, rho_b(J) - target)
+# (fpgrad.contraction.spectral_penalty, two warm-started power steps a training step).
+ARMS: dict[str, dict[str, Any]] = {
+    "unrolled": dict(estimator="unrolled"),
+    "one-step": dict(estimator="one_step"),
+    "implicit": dict(estimator="implicit", tol=1e-4, forward="anderson", iters=30),
+    "implicit-penalty": dict(estimator="implicit", tol=1e-4, forward="anderson", iters=30, penalty=0.1,
+                             penalty_target=0.9),
+    "neumann-5": dict(estimator="neumann-5", tol=1e-4, forward="anderson", iters=30),
+}
+# Ablations of an arm (the paper's: clipping, warm-up, the training iteration count).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "clip": dict(clip=0.05), "no-warmup": dict(warmup=0), "iters7": dict(iters=7),
+}
+TEST_TIME_ITERS = (1, 2, 3, 5, 7, 10, 15, 20)   # the last row of an arm: FG-ARI and MSE at these test-time iterations
+MONITOR_SCENES = 16                             # the first test scenes: the instruments' fixed batch
+SPIKE_FACTOR, SPIKE_WINDOW, SPIKE_MIN_HISTORY = 5.0, 100, 20   # as the training study: > 5x the running median
 
 # name -> what differs from DEFAULTS. `note` is for the README table only.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -56,15 +81,33 @@ QUICK: dict[str, Any] = dict(size=16, min_objects=1, max_objects=2, num_slots=3,
                              background=(0.0, 0.0, 0.0), test_scenes=8, eval_every=2)
 
 
-def config_of(name: str, quick: bool = False, seed: int | None = None) -> dict[str, Any]:
+def config_of(name: str, quick: bool = False, seed: int | None = None, arm: str | None = None,
+              ablation: str | None = None) -> dict[str, Any]:
     """The full settings of a named configuration (DEFAULTS updated by CONFIGS[name], or by QUICK).
 
+    arm: one of ARMS (the estimator and its forward, the penalty; instruments on), named NAME-ARM;
+    ablation: one of ABLATIONS on top, named NAME-ARM-ABLATION;
     seed: overrides the configuration's seed (parameters, training scenes, slot noise; the test scenes stay
-    the same); a run with seed s != 0 is named NAME-sS.
+    the same); a run with seed s != 0 is named ...-sS.
     """
-    if seed is not None:
-        base = config_of(name, quick)
-        return {**base, "seed": int(seed), "name": base["name"] + (f"-s{int(seed)}" if int(seed) else "")}
+    if arm is not None or ablation is not None or seed is not None:
+        config = config_of(name, quick)
+        if ablation is not None and arm is None:
+            raise ValueError("discovery: an ablation applies to an arm; give --arm too")
+        if arm is not None:
+            if arm not in ARMS:
+                raise ValueError(f"discovery: unknown arm {arm!r}; choose one of {sorted(ARMS)}")
+            config.update(ARMS[arm], instruments=True)
+            config["name"] += f"-{arm}"
+        if ablation is not None:
+            if ablation not in ABLATIONS:
+                raise ValueError(f"discovery: unknown ablation {ablation!r}; choose one of {sorted(ABLATIONS)}")
+            config.update(ABLATIONS[ablation])
+            config["name"] += f"-{ablation}"
+        if seed is not None:
+            config["seed"] = int(seed)
+            config["name"] += f"-s{int(seed)}" if int(seed) else ""
+        return config
     if quick:
         return {**DEFAULTS, **QUICK, "name": "quick"}
     if name not in CONFIGS:
@@ -84,7 +127,8 @@ def dataset(config: dict) -> MultiShapes:
 
 def build_model(config: dict) -> SlotAutoencoder:
     return SlotAutoencoder(resolution=config["size"], num_slots=config["num_slots"], slot_dim=config["slot_dim"],
-                           channels=config["channels"], iters=config["iters"], backward="unrolled",
+                           channels=config["channels"], iters=config["iters"], backward=config["estimator"],
+                           tol=config["tol"], forward=config["forward"],
                            broadcast=config["broadcast"], decoder_channels=config["decoder_channels"],
                            decoder_layers=config["decoder_layers"], decoder_kernel=config["decoder_kernel"],
                            decoder_first_kernel=config["decoder_first_kernel"], seed=config["seed"])
@@ -100,20 +144,110 @@ def learning_rate(config: dict, step: int) -> float:
     return lr
 
 
-def evaluate(model: SlotAutoencoder, scenes, batch: int = 64) -> dict[str, float]:
-    """FG-ARI (argmax of the alpha masks vs the true objects) and MSE on the test scenes, at the trained
-    iteration count, with fixed slot noise."""
+def evaluate(model: SlotAutoencoder, scenes, batch: int = 64, iters: int | None = None) -> dict[str, float]:
+    """FG-ARI (argmax of the alpha masks vs the true objects) and MSE on the test scenes, at `iters` plain
+    iterations (default: the trained iteration count, the cap for a solved forward), with fixed slot noise."""
     model.eval()
     noise = torch.Generator().manual_seed(TEST_SEED)
     aris, errs = [], []
     with torch.no_grad():
         for i in range(0, len(scenes), batch):
             images = scenes.images[i:i + batch]
-            out = model(images, generator=noise, iters=model.iters)
+            out = model(images, generator=noise, iters=model.iters if iters is None else iters)
             aris.append(foreground_ari(scenes.labels[i:i + batch], out.segmentation()))
             errs.append(((out.reconstruction - images) ** 2).mean((1, 2, 3)).double())
     model.train()
     return {"fg_ari": float(torch.cat(aris).nanmean()), "mse": float(torch.cat(errs).mean())}
+
+
+# ---- instruments (the arms) -----------------------------------------------------------------------------
+
+class GradientSpikes:
+    """Gradient norms of the training steps: a spike is a norm above SPIKE_FACTOR x the median of the previous
+    SPIKE_WINDOW steps (trusted after SPIKE_MIN_HISTORY); `since()` summarises the steps since the last call."""
+
+    def __init__(self, history: list[float] | None = None):
+        self.history = list(history or [])[-SPIKE_WINDOW:]
+        self.norms: list[float] = []
+        self.spikes, self.worst = 0, 0.0
+
+    def add(self, norm: float) -> None:
+        if len(self.history) >= SPIKE_MIN_HISTORY:
+            ratio = norm / max(statistics.median(self.history), 1e-30)
+            self.worst = max(self.worst, ratio)
+            self.spikes += ratio > SPIKE_FACTOR
+        self.history = (self.history + [norm])[-SPIKE_WINDOW:]
+        self.norms.append(norm)
+
+    def since(self) -> dict[str, Any]:
+        finite = [n for n in self.norms if math.isfinite(n)]
+        out = {"grad_norm_median": statistics.median(finite) if finite else None,
+               "grad_norm_max": max(finite) if finite else None, "spikes": self.spikes,
+               "spike_ratio_max": self.worst or None}
+        self.norms, self.spikes, self.worst = [], 0, 0.0
+        return out
+
+
+def _arm_forward(config: dict, estimator):
+    """The forward that training runs before the estimator's own steps (None: the estimator runs its own)."""
+    from fpgrad.forward import Iterate, get_forward
+    if config["tol"] is not None:
+        return get_forward(config["forward"], tol=config["tol"], max_iter=config["iters"], warn=False)
+    if not estimator.uses_forward:
+        return None
+    return Iterate.exactly(max(config["iters"] - estimator.taped_steps_after_solve, 0))
+
+
+def backward_bytes(model: SlotAutoencoder, images: torch.Tensor, generator: torch.Generator) -> int:
+    """Bytes of the tensors a training step saves for its backward (an upper bound: shared storage counts again)."""
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), warnings.catch_warnings():
+        warnings.simplefilter("ignore")              # a measurement: the training steps warn where it matters
+        model(images, generator=generator).loss(images)
+    return saved[0]
+
+
+def instruments(model: SlotAutoencoder, config: dict, images: torch.Tensor, step: int, monitor) -> dict[str, Any]:
+    """On the fixed monitor batch: the in-loop monitor's row (the arm's gradient against the exact implicit one at
+    a converged z*, rho(J) at the training iterate and at z*, forward and adjoint residuals and VJPs), ||J||_2 at
+    the training iterate (the paper's Fig. 1b), and the bytes saved for a training step's backward."""
+    from fpgrad.contraction import spectral_estimate
+    from fpgrad.estimators import get_estimator
+    sa = model.slot_attention
+    with torch.no_grad():
+        tokens = model.encoder(images)
+    m = sa.as_map()
+    z0 = m.init_state(tokens, torch.Generator().manual_seed(TEST_SEED))
+    estimator = get_estimator(config["estimator"], iters=config["iters"])
+    forward = _arm_forward(config, estimator)
+
+    def loss_fn(z):
+        return ((model.decode(z)[0] - images) ** 2).mean()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")              # counted in the row (solver_warnings), not printed every row
+        row = monitor.step(step, m, tokens, loss_fn, estimator, z0=z0, forward=forward, step_seconds=None)
+        from fpgrad.forward import Iterate
+        solver = forward if config["tol"] is not None else Iterate.exactly(config["iters"])
+        z_train = solver.solve(m.step, m.params, tokens, z0).z
+    norm = spectral_estimate(m.step, m.params, z_train, tokens, kind="norm", iters=30,
+                             generator=torch.Generator().manual_seed(TEST_SEED))
+    keep = ("cosine", "rel_error", "rho_train", "rho_star", "forward_residual", "exact_forward_residual",
+            "adjoint_residual", "adjoint_converged", "adjoint_vjps", "train_vjps", "monitor_seconds",
+            "solver_warnings")
+    out = {k: row[k] for k in keep}
+    out["jacobian_norm"] = float(norm.value.max())
+    out["jacobian_norm_mean"] = float(norm.value.mean())
+    out["backward_bytes"] = backward_bytes(model, images, torch.Generator().manual_seed(TEST_SEED))
+    return out
+
+
+def test_time_curve(model: SlotAutoencoder, scenes) -> dict[str, dict[str, float]]:
+    """FG-ARI and MSE on the test scenes at each of TEST_TIME_ITERS plain iterations (the paper's Fig. 6b)."""
+    return {str(T): evaluate(model, scenes, iters=T) for T in TEST_TIME_ITERS}
 
 
 # ---- files --------------------------------------------------------------------------------------------
@@ -177,6 +311,20 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
     data_gen = torch.Generator().manual_seed(1000 * seed + 1)
     noise_gen = torch.Generator().manual_seed(1000 * seed + 2)
     step, wall, cpu, loss_sum, loss_count = 0, 0.0, 0.0, 0.0, 0
+    spikes = GradientSpikes()
+    monitor, monitor_images, penalty_state, penalty_sum = None, None, None, 0.0
+    if config["instruments"]:
+        from fpgrad.contraction import GradientMonitor
+        monitor = GradientMonitor(every=1, seed=seed)
+        monitor_images = test.images[:MONITOR_SCENES]
+    if config["penalty"]:
+        from fpgrad.contraction import SpectralState, spectral_penalty
+        from fpgrad.maps import slot_attention_step
+        penalty_state = SpectralState(generator=torch.Generator().manual_seed(1000 * seed + 3), cold_iters=20)
+        sa = model.slot_attention
+
+        def penalty_step(params, z, x):
+            return slot_attention_step(params, z, x, eps=sa.eps)
     rows = read_rows(rows_path)
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
@@ -185,6 +333,7 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
         data_gen.set_state(state["data_gen"])
         noise_gen.set_state(state["noise_gen"])
         step, wall, cpu = state["step"], state["wall_seconds"], state["cpu_seconds"]
+        spikes = GradientSpikes(state.get("grad_history"))
         if any(r["step"] > step for r in rows):       # a row written after the last checkpoint: redone below
             rows = [r for r in rows if r["step"] <= step]
             _write_rows(rows_path, rows)
@@ -193,18 +342,27 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
         _write_rows(rows_path, rows)
 
     def record(step_now: int) -> None:
-        nonlocal loss_sum, loss_count
+        nonlocal loss_sum, loss_count, penalty_sum
         row = {"step": step_now, **evaluate(model, test),
                "train_loss": loss_sum / loss_count if loss_count else None,
                "lr": learning_rate(config, max(step_now - 1, 0)), "wall_seconds": round(wall, 2),
                "cpu_seconds": round(cpu, 2),
                "time": time.time()}
+        if monitor is not None:
+            row.update(instruments(model, config, monitor_images, step_now, monitor))
+            row.update(spikes.since())
+            if step_now == steps:
+                row["test_time"] = test_time_curve(model, test)
+        if penalty_state is not None:
+            row["penalty"] = penalty_sum / loss_count if loss_count else None
+            row["penalty_rho_last"] = None if penalty_state.last is None else float(penalty_state.last.max())
         rows.append(row)
         _append_row(rows_path, row)
         state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "data_gen": data_gen.get_state(),
-                 "noise_gen": noise_gen.get_state(), "step": step_now, "wall_seconds": wall, "cpu_seconds": cpu}
+                 "noise_gen": noise_gen.get_state(), "step": step_now, "wall_seconds": wall, "cpu_seconds": cpu,
+                 "grad_history": spikes.history}
         _atomic_write_bytes(ckpt_path, lambda f: torch.save(state, f))
-        loss_sum, loss_count = 0.0, 0
+        loss_sum, loss_count, penalty_sum = 0.0, 0, 0.0
 
     if not rows:
         record(0)
@@ -219,8 +377,18 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
             group["lr"] = learning_rate(config, step)
         out_ = model(images, generator=noise_gen)
         loss = out_.loss(images)
+        total = loss
+        if penalty_state is not None:
+            # on the slots the backward linearises at (z* for the implicit arms), through the tokens too
+            penalty = spectral_penalty(penalty_step, sa.functional_params(), out_.slots, out_.tokens,
+                                       target=config["penalty_target"], state=penalty_state)
+            penalty_sum += float(penalty.detach())
+            total = loss + config["penalty"] * penalty
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
+        if monitor is not None:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            spikes.add(float(torch.nn.utils.get_total_norm(grads)))
         if config["clip"] is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config["clip"])
         optimiser.step()
@@ -312,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="plain-fullres", help=f"one of {sorted(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=None, help="total steps (default 20000; 4 with --quick)")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default reports/discovery/CONFIG)")
+    parser.add_argument("--arm", default=None, help=f"train an arm of the study: one of {sorted(ARMS)} (instruments "
+                        "on; default --out reports/discovery/arms/CONFIG-ARM[-ABLATION][-sSEED])")
+    parser.add_argument("--ablation", default=None, help=f"with --arm: one of {sorted(ABLATIONS)}")
     parser.add_argument("--seed", type=int, default=None,
                         help="override the configuration's seed (default: its own, 0); the run is named CONFIG-sSEED")
     parser.add_argument("--quick", action="store_true", help="tiny model and scenes, a few steps")
@@ -328,9 +499,10 @@ def main(argv: list[str] | None = None) -> None:
         figure(args.readme, args.readme / "curves.png")
         print(text)
         return
-    config = config_of(args.config, args.quick, args.seed)
+    config = config_of(args.config, args.quick, args.seed, args.arm, args.ablation)
     steps = args.steps if args.steps is not None else (4 if args.quick else 20_000)
-    out = args.out if args.out is not None else Path("reports/discovery") / config["name"]
+    root = Path("reports/discovery") / ("arms" if args.arm else "")
+    out = args.out if args.out is not None else root / config["name"]
     rows = train(config, steps, out)
     last = rows[-1]
     print(f"{config['name']}: step {last['step']}, FG-ARI {last['fg_ari']:.3f}, MSE {last['mse']:.4f}, "

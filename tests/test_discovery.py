@@ -94,3 +94,62 @@ def test_seed_override_names_the_run_and_changes_the_training(tmp_path):
     a = discovery.train(quick0, 2, tmp_path / "a", progress=False)
     b = discovery.train(quick1, 2, tmp_path / "b", progress=False)
     assert a[0]["mse"] != b[0]["mse"]            # other parameters at step 0; the test scenes are the same
+
+
+# ---- the arms (issue #20, section 2) --------------------------------------------------------------------------
+
+def test_arm_and_ablation_names_and_settings():
+    config = discovery.config_of("plain-fullres", arm="implicit", seed=2)
+    assert config["name"] == "plain-fullres-implicit-s2"
+    assert config["estimator"] == "implicit" and config["tol"] == 1e-4 and config["instruments"]
+    ablated = discovery.config_of("plain-fullres", arm="one-step", ablation="no-warmup")
+    assert ablated["name"] == "plain-fullres-one-step-no-warmup" and ablated["warmup"] == 0
+    with pytest.raises(ValueError, match="unknown arm 'exact'"):
+        discovery.config_of("plain-fullres", arm="exact")
+    with pytest.raises(ValueError, match="give --arm too"):
+        discovery.config_of("plain-fullres", ablation="clip")
+    assert not discovery.config_of("plain-fullres")["instruments"]     # the discovery runs stay as they were
+
+
+def test_an_arm_records_its_instruments_and_the_test_time_curve(tmp_path):
+    config = discovery.config_of("", quick=True, arm="one-step")
+    rows = discovery.train(config, 4, tmp_path, progress=False)
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    for row in rows:
+        assert -1.0 <= row["cosine"] <= 1.0 and row["rho_star"] > 0 and row["jacobian_norm"] > 0
+        assert row["backward_bytes"] > 0 and row["adjoint_vjps"] > 0
+    assert rows[-1]["grad_norm_median"] > 0 and rows[-1]["spikes"] == 0
+    assert sorted(map(int, rows[-1]["test_time"])) == list(discovery.TEST_TIME_ITERS)
+    assert "test_time" not in rows[1]
+    # the row at the trained iteration count is the evaluation's own
+    assert rows[-1]["test_time"][str(config["iters"])]["mse"] == pytest.approx(rows[-1]["mse"])
+
+
+def test_a_resumed_arm_trains_as_an_uninterrupted_one(tmp_path):
+    config = discovery.config_of("", quick=True, arm="neumann-5")
+    whole = discovery.train(config, 4, tmp_path / "whole", progress=False)
+    discovery.train(config, 2, tmp_path / "split", progress=False)
+    split = discovery.train(config, 4, tmp_path / "split", progress=False)
+    for a, b in zip(whole, split):
+        assert (a["fg_ari"], a["mse"], a["train_loss"]) == (b["fg_ari"], b["mse"], b["train_loss"])
+
+
+def test_the_spectral_penalty_arm_trains_differently_when_the_penalty_is_active(tmp_path):
+    config = discovery.config_of("", quick=True, arm="implicit-penalty")
+    active = {**config, "penalty_target": 0.0, "penalty": 1.0}        # rho > 0 always: the penalty acts
+    off = {**config, "penalty": 0.0}
+    a = discovery.train(active, 2, tmp_path / "active", progress=False)
+    b = discovery.train(off, 2, tmp_path / "off", progress=False)
+    assert a[-1]["penalty"] > 0 and a[-1]["penalty_rho_last"] > 0
+    assert a[-1]["mse"] != b[-1]["mse"]
+
+
+def test_gradient_spikes_are_counted_against_the_running_median():
+    spikes = discovery.GradientSpikes()
+    for _ in range(discovery.SPIKE_MIN_HISTORY):
+        spikes.add(1.0)
+    spikes.add(discovery.SPIKE_FACTOR * 2)
+    spikes.add(1.0)
+    summary = spikes.since()
+    assert summary["spikes"] == 1 and summary["spike_ratio_max"] == pytest.approx(discovery.SPIKE_FACTOR * 2)
+    assert summary["grad_norm_max"] == discovery.SPIKE_FACTOR * 2 and spikes.since()["spikes"] == 0
