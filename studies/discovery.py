@@ -97,12 +97,12 @@ def config_of(name: str, quick: bool = False, seed: int | None = None, arm: str 
         if arm is not None:
             if arm not in ARMS:
                 raise ValueError(f"discovery: unknown arm {arm!r}; choose one of {sorted(ARMS)}")
-            config.update(ARMS[arm], instruments=True)
+            config.update(ARMS[arm], instruments=True, arm=arm)
             config["name"] += f"-{arm}"
         if ablation is not None:
             if ablation not in ABLATIONS:
                 raise ValueError(f"discovery: unknown ablation {ablation!r}; choose one of {sorted(ABLATIONS)}")
-            config.update(ABLATIONS[ablation])
+            config.update(ABLATIONS[ablation], ablation=ablation)
             config["name"] += f"-{ablation}"
         if seed is not None:
             config["seed"] = int(seed)
@@ -475,6 +475,85 @@ def figure(root: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# ---- the arms' tables and figure ------------------------------------------------------------------------------
+
+def _arm_of(config: dict) -> str:
+    """The arm of a run (stored in its config by config_of), with its ablation."""
+    arm = config.get("arm", "?")
+    return arm if not config.get("ablation") else f"{arm} + {config['ablation']}"
+
+
+def _values(rows: list[dict], key: str) -> list[float]:
+    return [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def _f(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def arms_table(root: Path) -> str:
+    """Markdown: one line per arm run (seed, ablation): steps, FG-ARI and MSE (last, best), rho(J) at z* and at
+    the training iterate (max over rows), ||J||_2 (max), the cosine to the exact implicit gradient (min, last),
+    gradient spikes (total, largest ratio to the running median), backward bytes and CPU seconds per step."""
+    head = ("| arm | seed | steps | FG-ARI last | FG-ARI best | MSE last | rho* max | rho(z_T) max | norm J max | "
+            "cosine min | cosine last | spikes | spike ratio max | backward MB | CPU s / step |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for config, rows in runs_under(root):
+        if not config.get("instruments"):
+            continue
+        last = rows[-1]
+        ratios = _values(rows, "spike_ratio_max")
+        per_step = last["cpu_seconds"] / last["step"] if last["step"] else None
+        largest = {k: max(_values(rows, k), default=None) for k in ("fg_ari", "rho_star", "rho_train", "jacobian_norm")}
+        cells = [_arm_of(config), config["seed"], last["step"], _f(last["fg_ari"]), _f(largest["fg_ari"]),
+                 _f(last["mse"], 4), _f(largest["rho_star"]), _f(largest["rho_train"]), _f(largest["jacobian_norm"]),
+                 _f(min(_values(rows, "cosine"), default=None)), _f(last.get("cosine")),
+                 sum(int(r.get("spikes") or 0) for r in rows), _f(max(ratios) if ratios else None, 1),
+                 _f((last.get("backward_bytes") or 0) / 2 ** 20, 1), _f(per_step, 3)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def arms_figure(root: Path, path: Path) -> None:
+    """FG-ARI, MSE, rho(J) at z*, ||J||_2 at the training iterate and the cosine to the exact gradient against
+    steps (one line per run, one colour per arm), and FG-ARI against test-time iterations (the last rows)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = (("fg_ari", "FG-ARI (test scenes)"), ("mse", "MSE (test scenes)"), ("rho_star", "rho(J) at z*"),
+              ("jacobian_norm", "||J||_2 at z_T"), ("cosine", "cosine to exact implicit gradient"))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    colours = dict(zip(ARMS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    seen = set()
+    for config, rows in runs_under(root):
+        if not config.get("instruments"):
+            continue
+        arm = _arm_of(config)
+        colour = colours.get(arm.split(" + ")[0], "grey")
+        style = "-" if " + " not in arm else ":"
+        label = arm if arm not in seen else None
+        seen.add(arm)
+        for ax, (key, title) in zip(axes.flat, panels):
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), style, color=colour, label=label, marker=".", ms=3)
+            ax.set(title=title, xlabel="step")
+        curve = next((r["test_time"] for r in reversed(rows) if "test_time" in r), None)
+        if curve:
+            its = sorted(curve, key=int)
+            axes.flat[5].plot([int(t) for t in its], [curve[t]["fg_ari"] for t in its], style, color=colour,
+                              marker="o", ms=3, label=label)
+    axes.flat[5].set(title="FG-ARI vs test-time iterations (last row)", xlabel="iterations")
+    axes.flat[1].set_yscale("log")
+    axes.flat[2].axhline(1.0, color="grey", ls=":", lw=1)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m studies.discovery", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="plain-fullres", help=f"one of {sorted(CONFIGS)}")
@@ -488,7 +567,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model and scenes, a few steps")
     parser.add_argument("--readme", type=Path, default=None, metavar="ROOT",
                         help="write ROOT/table.md and ROOT/curves.png from the rows of every run under ROOT")
+    parser.add_argument("--arms-readme", type=Path, default=None, metavar="ROOT",
+                        help="write ROOT/table.md and ROOT/curves.png from the rows of every arm run under ROOT")
     args = parser.parse_args(argv)
+    if args.arms_readme is not None:
+        text = arms_table(args.arms_readme)
+        _atomic_write_bytes(args.arms_readme / "table.md", lambda f: f.write(text.encode()))
+        readme = args.arms_readme / "README.md"
+        if readme.exists():
+            new = fill_table(readme.read_text(), text).encode()
+            _atomic_write_bytes(readme, lambda f: f.write(new))
+        arms_figure(args.arms_readme, args.arms_readme / "curves.png")
+        print(text)
+        return
     if args.readme is not None:
         text = table(args.readme)
         _atomic_write_bytes(args.readme / "table.md", lambda f: f.write(text.encode()))

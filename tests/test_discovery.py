@@ -153,3 +153,16 @@ def test_gradient_spikes_are_counted_against_the_running_median():
     summary = spikes.since()
     assert summary["spikes"] == 1 and summary["spike_ratio_max"] == pytest.approx(discovery.SPIKE_FACTOR * 2)
     assert summary["grad_norm_max"] == discovery.SPIKE_FACTOR * 2 and spikes.since()["spikes"] == 0
+
+
+def test_the_arms_table_and_figure_come_from_the_stored_rows(tmp_path):
+    for arm, ablation in (("one-step", None), ("one-step", "clip")):
+        config = discovery.config_of("", quick=True, arm=arm, ablation=ablation)
+        discovery.train(config, 2, tmp_path / config["name"], progress=False)
+    discovery.train(discovery.config_of("", quick=True), 2, tmp_path / "plain", progress=False)   # no instruments
+    text = discovery.arms_table(tmp_path)
+    lines = text.strip().splitlines()
+    assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "| one-step | 0 | 2 |" in text and "| one-step + clip | 0 | 2 |" in text
+    discovery.arms_figure(tmp_path, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
