@@ -41,19 +41,22 @@ DEFAULTS: dict[str, Any] = dict(
     test_scenes=128, eval_every=500,
     # the arms (issue #20, section 2): the slot attention gradient, its forward, the spectral penalty, instruments
     estimator="unrolled", tol=None, forward="iterate", penalty=0.0, penalty_target=0.9, instruments=False,
+    backward_tol=None, backward_max_iter=None,
 )
 
 # The arms: what differs from the discovery configuration (each run with `instruments`). The exact implicit and
 # Neumann arms solve the slots to a relative residual of 1e-4 (float32) with Anderson, at most 30 steps, and
-# differentiate at that z* (Implicit: by GMRES, its default; Neumann-5: five terms of the series, which assume a
+# differentiate at that z* (Implicit: by unrestarted GMRES to 1e-4, at most 100 VJPs a step, the steps that stop
+# short of it counted in the rows; Neumann-5: five terms of the series, which assume a
 # fixed point too); with the penalty, loss += penalty * mean_b max(0, rho_b(J) - target)
 # (fpgrad.contraction.spectral_penalty, two warm-started power steps a training step).
 ARMS: dict[str, dict[str, Any]] = {
     "unrolled": dict(estimator="unrolled"),
     "one-step": dict(estimator="one_step"),
-    "implicit": dict(estimator="implicit", tol=1e-4, forward="anderson", iters=30),
-    "implicit-penalty": dict(estimator="implicit", tol=1e-4, forward="anderson", iters=30, penalty=0.1,
-                             penalty_target=0.9),
+    "implicit": dict(estimator="implicit", tol=1e-4, forward="anderson", iters=30, backward_tol=1e-4,
+                     backward_max_iter=100),
+    "implicit-penalty": dict(estimator="implicit", tol=1e-4, forward="anderson", iters=30, backward_tol=1e-4,
+                             backward_max_iter=100, penalty=0.1, penalty_target=0.9),
     "neumann-5": dict(estimator="neumann-5", tol=1e-4, forward="anderson", iters=30),
 }
 # Ablations of an arm (the paper's: clipping, warm-up, the training iteration count).
@@ -125,9 +128,20 @@ def dataset(config: dict) -> MultiShapes:
                        scale=tuple(config["scale"]), background=None if bg is None else tuple(bg))
 
 
+def arm_estimator(config: dict):
+    """The slot attention backward of a configuration: its estimator's name, or for the implicit arms an
+    Implicit(GMRES) with the configured tolerance and cap (GMRES unrestarted within the cap)."""
+    if config["estimator"] == "implicit" and config["backward_max_iter"] is not None:
+        from fpgrad.estimators import Implicit
+        from fpgrad.linsolve import GMRES
+        cap = int(config["backward_max_iter"])
+        return Implicit(solver=GMRES(restart=cap), tol=config["backward_tol"], max_iter=cap)
+    return config["estimator"]
+
+
 def build_model(config: dict) -> SlotAutoencoder:
     return SlotAutoencoder(resolution=config["size"], num_slots=config["num_slots"], slot_dim=config["slot_dim"],
-                           channels=config["channels"], iters=config["iters"], backward=config["estimator"],
+                           channels=config["channels"], iters=config["iters"], backward=arm_estimator(config),
                            tol=config["tol"], forward=config["forward"],
                            broadcast=config["broadcast"], decoder_channels=config["decoder_channels"],
                            decoder_layers=config["decoder_layers"], decoder_kernel=config["decoder_kernel"],
@@ -188,6 +202,28 @@ class GradientSpikes:
         return out
 
 
+class SolverCosts:
+    """The training steps' own solves since the last row: VJPs of the backward per step, and the steps whose
+    forward solve or adjoint solve stopped short of its tolerance (at its cap)."""
+
+    def __init__(self):
+        self.steps = self.vjps = self.forward_short = self.adjoint_short = 0
+
+    def add(self, record) -> None:
+        self.steps += 1
+        self.vjps += int(record.vjps)
+        self.forward_short += any(not bool(fp.converged.all()) for fp in record.forward
+                                  if getattr(fp, "method", "") != "iterate")      # exactly-T loops have no tolerance
+        self.adjoint_short += any(not bool(sol.converged.all()) for sol in record.solves)
+
+    def since(self) -> dict[str, Any]:
+        out = {"train_vjps_per_step": self.vjps / self.steps if self.steps else None,
+               "forward_short_steps": self.forward_short, "adjoint_short_steps": self.adjoint_short,
+               "steps_since_row": self.steps}
+        self.__init__()
+        return out
+
+
 def _arm_forward(config: dict, estimator):
     """The forward that training runs before the estimator's own steps (None: the estimator runs its own)."""
     from fpgrad.forward import Iterate, get_forward
@@ -222,7 +258,7 @@ def instruments(model: SlotAutoencoder, config: dict, images: torch.Tensor, step
         tokens = model.encoder(images)
     m = sa.as_map()
     z0 = m.init_state(tokens, torch.Generator().manual_seed(TEST_SEED))
-    estimator = get_estimator(config["estimator"], iters=config["iters"])
+    estimator = get_estimator(arm_estimator(config), iters=config["iters"])
     forward = _arm_forward(config, estimator)
 
     def loss_fn(z):
@@ -312,6 +348,7 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
     noise_gen = torch.Generator().manual_seed(1000 * seed + 2)
     step, wall, cpu, loss_sum, loss_count = 0, 0.0, 0.0, 0.0, 0
     spikes = GradientSpikes()
+    solver_costs = SolverCosts()
     monitor, monitor_images, penalty_state, penalty_sum = None, None, None, 0.0
     if config["instruments"]:
         from fpgrad.contraction import GradientMonitor
@@ -351,6 +388,7 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
         if monitor is not None:
             row.update(instruments(model, config, monitor_images, step_now, monitor))
             row.update(spikes.since())
+            row.update(solver_costs.since())
             if step_now == steps:
                 row["test_time"] = test_time_curve(model, test)
         if penalty_state is not None:
@@ -389,6 +427,7 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
         if monitor is not None:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             spikes.add(float(torch.nn.utils.get_total_norm(grads)))
+            solver_costs.add(out_.record)
         if config["clip"] is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config["clip"])
         optimiser.step()
@@ -487,6 +526,18 @@ def _values(rows: list[dict], key: str) -> list[float]:
     return [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
+def _mean_per_step(rows: list[dict], key: str) -> float | None:
+    """The per-step mean of `key` over the rows, weighted by the steps each row summarises."""
+    pairs = [(r[key], r["steps_since_row"]) for r in rows if r.get(key) is not None and r.get("steps_since_row")]
+    steps = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / steps if steps else None
+
+
+def _capped_percent(rows: list[dict]) -> float | None:
+    steps = sum(r.get("steps_since_row") or 0 for r in rows)
+    return 100.0 * sum(r.get("adjoint_short_steps") or 0 for r in rows) / steps if steps else None
+
+
 def _f(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -496,7 +547,8 @@ def arms_table(root: Path) -> str:
     the training iterate (max over rows), ||J||_2 (max), the cosine to the exact implicit gradient (min, last),
     gradient spikes (total, largest ratio to the running median), backward bytes and CPU seconds per step."""
     head = ("| arm | seed | steps | FG-ARI last | FG-ARI best | MSE last | rho* max | rho(z_T) max | norm J max | "
-            "cosine min | cosine last | spikes | spike ratio max | backward MB | CPU s / step |")
+            "cosine min | cosine last | spikes | spike ratio max | backward VJPs / step | adjoint capped (% steps) | "
+            "backward MB | CPU s / step |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for config, rows in runs_under(root):
         if not config.get("instruments"):
@@ -509,6 +561,7 @@ def arms_table(root: Path) -> str:
                  _f(last["mse"], 4), _f(largest["rho_star"]), _f(largest["rho_train"]), _f(largest["jacobian_norm"]),
                  _f(min(_values(rows, "cosine"), default=None)), _f(last.get("cosine")),
                  sum(int(r.get("spikes") or 0) for r in rows), _f(max(ratios) if ratios else None, 1),
+                 _f(_mean_per_step(rows, "train_vjps_per_step"), 1), _f(_capped_percent(rows), 1),
                  _f((last.get("backward_bytes") or 0) / 2 ** 20, 1), _f(per_step, 3)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -166,3 +166,15 @@ def test_the_arms_table_and_figure_come_from_the_stored_rows(tmp_path):
     assert "| one-step | 0 | 2 |" in text and "| one-step + clip | 0 | 2 |" in text
     discovery.arms_figure(tmp_path, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_the_implicit_arm_caps_its_adjoint_solve_and_counts_the_steps_it_capped(tmp_path):
+    from fpgrad.estimators import Implicit
+    est = discovery.arm_estimator(discovery.config_of("plain-fullres", arm="implicit"))
+    assert isinstance(est, Implicit) and est.max_iter == 100 and est.tol == 1e-4
+    assert discovery.arm_estimator(discovery.config_of("plain-fullres", arm="one-step")) == "one_step"
+    config = {**discovery.config_of("", quick=True, arm="implicit"), "backward_max_iter": 1}   # capped at once
+    rows = discovery.train(config, 2, tmp_path / "run", progress=False)
+    assert rows[-1]["steps_since_row"] == 2 and rows[-1]["adjoint_short_steps"] == 2
+    assert rows[-1]["train_vjps_per_step"] >= 1
+    assert "| 100.0 |" in discovery.arms_table(tmp_path)          # every training step capped
