@@ -75,6 +75,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
                           lr=4e-4, warmup=500, decay_half_life=10_000),
     "plain-b8": dict(note="plain black background; the 8x8 broadcast decoder", background=(0.0, 0.0, 0.0),
                      lr=4e-4, warmup=500, decay_half_life=10_000),
+    "plain-fullres-k6": dict(note="plain-fullres with 6 slots for at most 3 objects + background",
+                             background=(0.0, 0.0, 0.0), broadcast=32, decoder_channels=16, decoder_layers=3,
+                             lr=4e-4, warmup=500, decay_half_life=10_000, num_slots=6),
     "random-fullres": dict(note="random dark background; full-resolution decoder", broadcast=32, decoder_channels=16,
                            decoder_layers=3, lr=4e-4, warmup=500, decay_half_life=10_000),
 }
