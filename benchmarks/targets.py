@@ -208,9 +208,11 @@ def render(out_dir: Path) -> str:
             continue
         stored = data.get("targets", [])
         if name == "adjoint_solve":       # verdicts re-derived from the stored rows by the benchmark's own rule
-            from benchmarks.adjoint_solve import targets_for
+            from benchmarks.adjoint_solve import targets_for, tolerances_of
+            tol = tolerances_of(data["results"])
             stored = [t for e in data["results"]["maps"]
-                      for t in targets_for(f"{e['label']} (rho {e['rho']:.3f})", e["solvers"], e.get("end_to_end"))]
+                      for t in targets_for(f"{e['label']} (rho {e['rho']:.3f})", e["solvers"], e.get("end_to_end"),
+                                           tol)]
         for t in stored:
             bound = t.get("bound", "")
             if name == "adjoint_solve" and t["met"] is False and not bound:
