@@ -153,9 +153,14 @@ def _adjoint_tables(data: dict) -> list[str]:
                 hit = r["targets"].get(str(t))
                 row[f"VJP+JVP to {t:g}"] = "not reached" if hit is None else f"{hit['vjps']}+{hit['jvps']}"
                 row[f"s to {t:g}"] = "-" if hit is None else C.fmt(hit.get("seconds_median"))
+            if "floor" in r:
+                f = r["floor"]
+                row["least error (budget)"] = f"{C.fmt(f['error'])} ({f['budget']})"
             rows.append(row)
         cols = ["library", "solver"] + [f"{k} to {t:g}" for t in data["results"]["targets_error"]
                                         for k in ("VJP+JVP", "s")]
+        if any("floor" in r for r in entry["solvers"]):
+            cols.append("least error (budget)")
         out += [f"#### {entry['label']}: n = {entry['n']}, rho(J) = {entry['rho']:.4f}"
                 + (f", one VJP {C.fmt(entry['vjp_seconds'])} s" if entry.get("vjp_seconds") else ""), "",
                 markdown_table(rows, cols), ""]
