@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ def _description(name: str, dtype: str = "float64") -> str:
 FLOAT32 = ("adjoint_solve", "forward_solve", "vmap", "memory")     # the benchmarks that take --dtype
 FLOAT32_DIR = "float32"
 FLOAT32_NOTES = "NOTES.md"      # the hand-written reading of the numbers, kept beside the float32 JSON files
+# float32/NAME.float64.json, where present: the same benchmark in float64 at the float32 run's sizes (when the
+# float32 run had to be --quick), a like-for-like column beside the committed full-size float64 figure
+TWIN = "{name}.float64.json"
 
 
 def _adjoint_key(target_name: str) -> str:
@@ -100,19 +104,28 @@ def float32_section(out_dir: Path) -> list[str]:
             continue
         t64 = {t["key"]: t for t in _targets_of(name, d64)} if d64 else {}
         t32 = {t["key"]: t for t in _targets_of(name, d32)}
+        twin_path = f32_dir / TWIN.format(name=name)
+        twin = ({t["key"]: t for t in _targets_of(name, json.loads(twin_path.read_text(encoding="utf-8")))}
+                if twin_path.exists() else {})
         bench = name + (" (float32 --quick)" if d32.get("quick") else "")
         for key in list(t32) + [k for k in t64 if k not in t32]:
             rows.append({"benchmark": bench, "target": key, "float64": _figure(t64.get(key)),
+                         "float64, float32's sizes": _figure(twin.get(key)) if twin else "",
                          "float32": _figure(t32.get(key)), "float32 detail": (t32.get(key) or {}).get("detail", "")})
     met = sum(1 for r in rows if r.get("float32", "").endswith("(met)"))
     missed = sum(1 for r in rows if r.get("float32", "").endswith("(**missed**))"))
-    lines += [markdown_table(rows, ["benchmark", "target", "float64", "float32", "float32 detail"]), "",
+    cols = ["benchmark", "target", "float64"]
+    if any(r.get("float64, float32's sizes") for r in rows):
+        cols.append("float64, float32's sizes")
+    lines += [markdown_table(rows, cols + ["float32", "float32 detail"]), "",
               f"float32: {met} met, {missed} missed (a '-' in float64: that map or size is not in the float64 run).",
               ""]
     notes = f32_dir / FLOAT32_NOTES
     if notes.exists():
         lines += [notes.read_text(encoding="utf-8").strip(), ""]
     lines += ["### float32 runs", ""] + [_run_line(name, d32) for name, (_, d32) in runs.items() if d32]
+    lines += [_run_line(f"{name} (float64 at float32's sizes)", json.loads(path.read_text(encoding="utf-8")))
+              for name in FLOAT32 if (path := f32_dir / TWIN.format(name=name)).exists()]
     for name, (_, d32) in runs.items():
         if d32 is None:
             continue

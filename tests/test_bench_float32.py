@@ -135,6 +135,15 @@ def test_readme_pairs_float32_with_float64(memory_runs, tmp_path):
     twin = next(t for t in d64["targets"] if t["target"] == first["target"])
     assert f"| {twin['value']} (met) | {first['value']} (met) |" in line
     assert "| adjoint_solve | (float32 not run) |" in section
+    assert "float32's sizes" not in section
+    # a float64 run at the float32 run's sizes beside it (float32/NAME.float64.json) gets its own column
+    twin_dir = tmp_path / "twin"
+    (twin_dir / "float32").mkdir(parents=True)
+    (twin_dir / "float32" / "memory.json").write_text((root / "float32" / "memory.json").read_text())
+    (twin_dir / "float32" / "memory.float64.json").write_text((root / "memory.json").read_text())
+    section = targets.render(twin_dir).split("## float32 beside float64")[1]
+    line = next(ln for ln in section.splitlines() if first["target"] in ln)
+    assert f"| - | {twin['value']} (met) | {first['value']} (met) |" in line
     # without a float32 folder there is no section
     (tmp_path / "memory.json").write_text((root / "memory.json").read_text())
     assert "float32 beside float64" not in targets.render(tmp_path)
