@@ -6,7 +6,7 @@ Every solver gets the same counted step, the same z0 and the same stopping rule 
 the residual of the returned state is recomputed here. Time: median of interleaved repeats. One thread, float64.
 
 --dtype float32: the maps (tuned in float64, then cast), z0 and every solver run in float32, to tol 1e-5 relative
-(instead of 1e-8: float32's round-off floor on ||f(z) - z|| / ||f(z)|| is ~1e-7 and solvers stall near it);
+(instead of 1e-8, two decades closer to float32's unit round-off 6e-8 than float64's tol is to its own);
 error_vs_reference is against the float64 z*. Written to reports/benchmarks/float32/.
 
     python -m benchmarks.forward_solve [--quick] [--dtype float32]      (or: fpgrad bench forward-solve)

@@ -118,7 +118,8 @@ def float32_section(out_dir: Path) -> list[str]:
     if any(r.get("float64, float32's sizes") for r in rows):
         cols.append("float64, float32's sizes")
     lines += [markdown_table(rows, cols + ["float32", "float32 detail"]), "",
-              f"float32: {met} met, {missed} missed (a '-' in float64: that map or size is not in the float64 run).",
+              f"float32: {met} met, {missed} missed ('-': that map or size is not in that dtype's run; a --quick "
+              "float32 run has fewer maps, smaller ones).",
               ""]
     notes = f32_dir / FLOAT32_NOTES
     if notes.exists():

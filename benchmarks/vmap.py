@@ -8,7 +8,7 @@ interleaved repeats. The two results are compared (max relative difference per s
 first parameter seed whose forward solve converges for every sample.
 
 --dtype float32: maps built from the same float64 draws, then params, inputs, z0 and targets cast to float32;
-forward Anderson to 1e-5 and backward Implicit(gmres) to 1e-5 relative (float32's floor is ~1e-7); the two
+forward Anderson to 1e-5 and backward Implicit(gmres) to 1e-5 relative (float32's unit round-off is 6e-8); the two
 paths' gradients then agree to float32 round-off, not to 1e-9. Written to reports/benchmarks/float32/.
 
     python -m benchmarks.vmap [--quick] [--dtype float32]      (or: fpgrad bench vmap)
