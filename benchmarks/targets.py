@@ -113,7 +113,7 @@ def float32_section(out_dir: Path) -> list[str]:
                          "float64, float32's sizes": _figure(twin.get(key)) if twin else "",
                          "float32": _figure(t32.get(key)), "float32 detail": (t32.get(key) or {}).get("detail", "")})
     met = sum(1 for r in rows if r.get("float32", "").endswith("(met)"))
-    missed = sum(1 for r in rows if r.get("float32", "").endswith("(**missed**))"))
+    missed = sum(1 for r in rows if r.get("float32", "").endswith("(**missed**)"))
     cols = ["benchmark", "target", "float64"]
     if any(r.get("float64, float32's sizes") for r in rows):
         cols.append("float64, float32's sizes")

@@ -135,6 +135,9 @@ def test_readme_pairs_float32_with_float64(memory_runs, tmp_path):
     twin = next(t for t in d64["targets"] if t["target"] == first["target"])
     assert f"| {twin['value']} (met) | {first['value']} (met) |" in line
     assert "| adjoint_solve | (float32 not run) |" in section
+    met = sum(t["met"] is True for t in d32["targets"])
+    missed = sum(t["met"] is False for t in d32["targets"])
+    assert f"float32: {met} met, {missed} missed" in section
     assert "float32's sizes" not in section
     # a float64 run at the float32 run's sizes beside it (float32/NAME.float64.json) gets its own column
     twin_dir = tmp_path / "twin"
