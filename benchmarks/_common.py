@@ -5,6 +5,11 @@ fpgrad.estimators, fpgrad._io).
 
 Numbers flow one way: a benchmark computes its rows and its targets, `save` writes them to
 `reports/benchmarks/NAME.json`, and `benchmarks.targets` turns the JSON files into the README.
+
+dtype: maps are built, tuned and referenced in float64 (DTYPE). A benchmark that takes `--dtype` (see
+`parser(..., dtype=True)`) casts its maps, inputs and peers' inputs to `Run.dtype` with `TunedMap.to` /
+`cast_map` and compares the result against the float64 references; a float32 run writes
+`reports/benchmarks/float32/NAME.json` by default and its JSON's "dtype" says which it was.
 """
 
 from __future__ import annotations
@@ -33,7 +38,22 @@ from fpgrad.jacobian import Jacobian
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "reports" / "benchmarks"
-DTYPE = torch.float64
+DTYPE = torch.float64                 # the references' dtype (tuning, dense solves, exact gradients)
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_of(args: argparse.Namespace) -> torch.dtype:
+    """The dtype a run computes in: --dtype where the benchmark takes it, float64 otherwise."""
+    return DTYPES[getattr(args, "dtype", None) or "float64"]
+
+
+def out_dir(dtype: torch.dtype = DTYPE) -> Path:
+    """Where a run in `dtype` writes by default: reports/benchmarks (float64), reports/benchmarks/float32."""
+    return REPORTS if dtype == torch.float64 else REPORTS / dtype_name(dtype)
 
 
 # ---- the run's record -------------------------------------------------------------------------------
@@ -110,15 +130,19 @@ class Run:
         WRITE_CACHE["on"] = not self.args.quick
         self.info = machine_info(self.args.threads)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtype_of(self.args)
+
     def save(self, results: Mapping[str, Any], targets: Sequence[Mapping[str, Any]] = ()) -> Path:
-        """Write reports/benchmarks/NAME.json atomically: run record + results + targets."""
+        """Write reports/benchmarks[/float32]/NAME.json atomically: run record + results + targets."""
         self.info["load_average_end"] = load_average()
         payload = {
             "benchmark": self.name,
             "command": f"python -m benchmarks.{self.name} " + " ".join(sys.argv[1:]),
             "quick": bool(self.args.quick),
             "seed": self.args.seed,
-            "dtype": "float64",
+            "dtype": dtype_name(self.dtype),
             "threads": self.args.threads,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - self.started, 1),
@@ -126,21 +150,26 @@ class Run:
             "targets": list(targets),
             "results": results,
         }
-        out = Path(self.args.out) if self.args.out else REPORTS / f"{self.name}.json"
+        out = Path(self.args.out) if self.args.out else out_dir(self.dtype) / f"{self.name}.json"
         write_json(out, payload)
         print(f"wrote {out} ({payload['seconds']} s, load average {self.info['load_average_start']} -> "
               f"{self.info['load_average_end']})")
         return out
 
 
-def parser(name: str, description: str) -> argparse.ArgumentParser:
-    """The arguments every benchmark takes: --quick, --out, --seed, --repeats, --threads."""
+def parser(name: str, description: str, dtype: bool = False) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: --quick, --out, --seed, --repeats, --threads; with dtype=True also
+    --dtype {float64,float32} (only for benchmarks that honour it: the others stay float64 and say so)."""
     p = argparse.ArgumentParser(prog=f"fpgrad bench {name.replace('_', '-')}", description=description)
     p.add_argument("--quick", action="store_true", help="small sizes, under a minute (a smoke run, not a result)")
     p.add_argument("--out", default=None, help=f"JSON path (default reports/benchmarks/{name}.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=None, help="timing repeats (median is reported; >= 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 for the recorded timings)")
+    if dtype:
+        p.add_argument("--dtype", choices=tuple(DTYPES), default="float64",
+                       help="dtype of the maps, inputs and peers (references stay float64); float32 writes "
+                            "reports/benchmarks/float32/NAME.json by default")
     return p
 
 
@@ -219,9 +248,35 @@ class TunedMap:
     rho: float
     info: dict[str, Any] = field(default_factory=dict)
 
+    reference: TunedMap | None = None    # the float64 map this one was cast from (None: it is the reference)
+
     @property
     def n(self) -> int:
         return int(self.z[0].numel())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.z.dtype
+
+    @property
+    def ref(self) -> TunedMap:
+        """The float64 map references are computed from (self when it is float64)."""
+        return self.reference if self.reference is not None else self
+
+    def to(self, dtype: torch.dtype) -> TunedMap:
+        """This map with params, x, z* (and a stored z0) cast to dtype; references stay with the float64 one.
+        z* stays the float64 fixed point rounded: the float32 map's own fixed point differs by round-off."""
+        if dtype == self.dtype:
+            return self
+        info = {k: (v.to(dtype) if isinstance(v, Tensor) else v) for k, v in self.info.items()}
+        return TunedMap(self.name, self.step, {k: v.to(dtype) for k, v in self.params.items()}, self.x.to(dtype),
+                        self.z.to(dtype), self.rho, {**info, "dtype": dtype_name(dtype), "tuned_in": "float64"},
+                        reference=self.ref)
+
+
+def cast_map(m, dtype: torch.dtype):
+    """An fpgrad.maps Map built in float64 (the same draws as the float64 run) with its params cast to dtype."""
+    return m if dtype == torch.float64 else m.with_params({k: v.to(dtype) for k, v in m.params.items()})
 
 
 def _tanh_fixed_point(m, x: Tensor) -> Tensor:

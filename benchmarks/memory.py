@@ -5,7 +5,12 @@ The forward is exactly T plain iterations (Iterate.exactly(T)); Unrolled(T) and 
 take T themselves. An independent count (every saved tensor's numel x element size, no deduplication) is
 recorded beside it as a check. Maps: slot attention and the tanh map, float64.
 
-    python -m benchmarks.memory [--quick]      (or: fpgrad bench memory)
+--dtype float32: the same maps (float64 draws) with params, inputs, z0 and targets cast to float32; every saved
+tensor is then half the bytes, and the targets (ratios T=1000 / T=10) are unchanged in kind. No tolerance is
+involved (exactly T iterations; Implicit's GMRES at its default tol, capped at 300). Written to
+reports/benchmarks/float32/.
+
+    python -m benchmarks.memory [--quick] [--dtype float32]      (or: fpgrad bench memory)
 """
 
 from __future__ import annotations
@@ -74,26 +79,29 @@ def measure(m, x, z0, loss_fn, Ts: list[int]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = C.parser("memory", __doc__.splitlines()[0])
+    p = C.parser("memory", __doc__.splitlines()[0], dtype=True)
+    p.add_argument("--T", type=int, nargs="+", default=[10, 100, 1000],
+                   help="forward iteration counts (default 10 100 1000; the ratio is last / first)")
     args = p.parse_args(argv)
     run = C.Run("memory", args)
+    dtype = run.dtype
     import fpgrad
-    Ts = [10, 100, 1000]
+    Ts = sorted(args.T)
     gen = torch.Generator().manual_seed(args.seed)
     B = 2 if args.quick else 4
     maps = []
     dim, K, N = (32, 4, 32) if args.quick else (64, 5, 64)
-    sa = fpgrad.maps.slot_attention(dim=dim, num_slots=K, seed=args.seed, dtype=C.DTYPE)
-    x = torch.randn(B, N, dim, generator=gen, dtype=C.DTYPE)
+    sa = C.cast_map(fpgrad.maps.slot_attention(dim=dim, num_slots=K, seed=args.seed, dtype=C.DTYPE), dtype)
+    x = torch.randn(B, N, dim, generator=gen, dtype=C.DTYPE).to(dtype)
     maps.append((f"slot attention d={dim} K={K} N={N} batch {B}", sa, x, sa.init_state(x, gen)))
     n = 128 if args.quick else 512
-    tanh = fpgrad.maps.tanh_rnn(n, 0.9, seed=args.seed)
-    xt = torch.randn(B, n, generator=gen, dtype=C.DTYPE)
-    maps.append((f"tanh n={n} batch {B}", tanh, xt, torch.zeros(B, n, dtype=C.DTYPE)))
+    tanh = C.cast_map(fpgrad.maps.tanh_rnn(n, 0.9, seed=args.seed), dtype)
+    xt = torch.randn(B, n, generator=gen, dtype=C.DTYPE).to(dtype)
+    maps.append((f"tanh n={n} batch {B}", tanh, xt, torch.zeros(B, n, dtype=dtype)))
     results = {"T": Ts, "maps": []}
     targets = []
     for label, m, xx, z0 in maps:
-        target_z = torch.randn(z0.shape, generator=gen, dtype=C.DTYPE)
+        target_z = torch.randn(z0.shape, generator=gen, dtype=C.DTYPE).to(dtype)
 
         def loss_fn(z, target_z=target_z):
             return 0.5 * ((z - target_z) ** 2).sum()
@@ -104,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             if r["estimator"] in CONSTANT:
                 targets.append(C.target(
-                    f"backward bytes T=1000 / T=10, {r['label']}, {label}", r["ratio"] <= RATIO_LIMIT,
+                    f"backward bytes T={Ts[-1]} / T={Ts[0]}, {r['label']}, {label}", r["ratio"] <= RATIO_LIMIT,
                     round(r["ratio"], 4), f"<= {RATIO_LIMIT}",
-                    f"{r['bytes T=10']} -> {r['bytes T=1000']} bytes"))
+                    f"{r[f'bytes T={Ts[0]}']} -> {r[f'bytes T={Ts[-1]}']} bytes"))
         unrolled = next(r for r in rows if r["estimator"] == "unrolled")
         results["maps"][-1]["unrolled_ratio"] = unrolled["ratio"]
     C.table(targets, ["target", "met", "value", "threshold", "detail"], "Targets")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,127 @@ ORDER = ("adjoint_solve", "solver_overhead", "forward_solve", "memory", "spectra
          "reuse")
 
 
-def _description(name: str) -> str:
-    """The benchmark module's docstring (what it measures and how), without its usage line."""
+def _description(name: str, dtype: str = "float64") -> str:
+    """The benchmark module's docstring (what it measures and how), without its usage line; for float64 without
+    its --dtype paragraph, for float32 that paragraph alone."""
     import importlib
     doc = importlib.import_module(f"benchmarks.{name}").__doc__ or ""
-    return "\n".join(line for line in doc.strip().splitlines() if not line.strip().startswith("python -m"))
+    paragraphs = [p for p in doc.strip().split("\n\n") if not p.strip().startswith("python -m")]
+    keep = [p for p in paragraphs if p.strip().startswith("--dtype") == (dtype != "float64")]
+    return "\n\n".join(keep) + "\n"
+
+
+# ---- float32 beside float64 ------------------------------------------------------------------------------
+
+FLOAT32 = ("adjoint_solve", "forward_solve", "vmap", "memory")     # the benchmarks that take --dtype
+FLOAT32_DIR = "float32"
+FLOAT32_NOTES = "NOTES.md"      # the hand-written reading of the numbers, kept beside the float32 JSON files
+# float32/NAME.float64.json, where present: the same benchmark in float64 at the float32 run's sizes (when the
+# float32 run had to be --quick), a like-for-like column beside the committed full-size float64 figure
+TWIN = "{name}.float64.json"
+
+
+def _adjoint_key(target_name: str) -> str:
+    """'adjoint time to 1e-6, tanh rho=0.9 (rho 0.900)' -> 'adjoint time, tanh rho=0.9': the same target of the
+    same map, whatever the dtype's error target and the measured rho."""
+    import re
+    return re.sub(r" \(rho [0-9.]+\)", "", re.sub(r" to [0-9.e+-]+,", ",", target_name))
+
+
+def _forward_targets(data: dict) -> list[dict]:
+    """forward_solve has no stored targets; the kind the other benchmarks use: per map, fpgrad's fastest converged
+    solver against TorchDEQ's fastest converged one (time ratio <= 1.0), with their steps."""
+    out = []
+    for entry in data["results"]["maps"]:
+        best = {}
+        for lib in ("fpgrad", "torchdeq"):
+            ok = [r for r in entry["rows"] if r["library"] == lib and r["converged"]]
+            best[lib] = min(ok, key=lambda r: r["seconds_median"]) if ok else None
+        fp, peer = best["fpgrad"], best["torchdeq"]
+        name = f"forward time to tol {data['results']['tol']:g} vs torchdeq, {entry['label']}"
+        if fp is None or peer is None:
+            out.append(C.target(name, None if peer is None else False, None, "<= 1.0",
+                                "no converged " + ("torchdeq" if peer is None else "fpgrad") + " solver"))
+            continue
+        ratio = fp["seconds_median"] / peer["seconds_median"]
+        out.append(C.target(name, ratio <= 1.0, round(ratio, 3), "<= 1.0",
+                            f"fpgrad {fp['solver']} {fp['steps']} steps {C.fmt(fp['seconds_median'])} s vs torchdeq "
+                            f"{peer['solver']} {peer['steps']} steps {C.fmt(peer['seconds_median'])} s"))
+    return out
+
+
+def _targets_of(name: str, data: dict) -> list[dict]:
+    """A run's targets, keyed for pairing across dtypes (adjoint_solve's re-derived with the run's tolerances)."""
+    if name == "adjoint_solve":
+        from benchmarks.adjoint_solve import targets_for, tolerances_of
+        tol = tolerances_of(data["results"])
+        out = [t for e in data["results"]["maps"]
+               for t in targets_for(f"{e['label']} (rho {e['rho']:.3f})", e["solvers"], e.get("end_to_end"), tol)]
+        return [{**t, "key": _adjoint_key(t["target"])} for t in out]
+    if name == "forward_solve":
+        return [{**t, "key": t["target"].split(" vs torchdeq, ")[1]} for t in _forward_targets(data)]
+    return [{**t, "key": t["target"]} for t in data.get("targets", [])]
+
+
+def _figure(t: dict | None) -> str:
+    return "-" if t is None else f"{t['value']} ({_met(t['met'])})"
+
+
+def float32_section(out_dir: Path) -> list[str]:
+    """'## float32 beside float64': per benchmark and target, the float64 figure (out_dir/NAME.json) beside the
+    float32 one (out_dir/float32/NAME.json), each judged by its own dtype's tolerances; then the reading
+    (float32/NOTES.md) and the float32 tables. Empty when no float32 run is stored."""
+    from fpgrad.report import markdown_table
+    f32_dir = out_dir / FLOAT32_DIR
+    runs = {name: (C.load(name, out_dir), C.load(name, f32_dir)) for name in FLOAT32}
+    if not any(d32 for _, d32 in runs.values()):
+        return []
+    lines = ["## float32 beside float64", "",
+             "Generated from `reports/benchmarks/float32/*.json` (`python -m benchmarks.NAME --dtype float32`) beside "
+             "the float64 JSON files above. Each side is judged with its own dtype's tolerances (float64: adjoint "
+             "to 1e-6, gradients accepted at 1e-5, forward tol 1e-8; float32: adjoint to 1e-4, gradients at 1e-3, "
+             "forward tol 1e-5); references (dense LU u_ref, exact gradients, z*) are float64 in both.", ""]
+    rows = []
+    for name, (d64, d32) in runs.items():
+        if d32 is None:
+            rows.append({"benchmark": name, "target": "(float32 not run)"})
+            continue
+        t64 = {t["key"]: t for t in _targets_of(name, d64)} if d64 else {}
+        t32 = {t["key"]: t for t in _targets_of(name, d32)}
+        twin_path = f32_dir / TWIN.format(name=name)
+        twin = ({t["key"]: t for t in _targets_of(name, json.loads(twin_path.read_text(encoding="utf-8")))}
+                if twin_path.exists() else {})
+        bench = name + (" (float32 --quick)" if d32.get("quick") else "")
+        for key in list(t32) + [k for k in t64 if k not in t32]:
+            rows.append({"benchmark": bench, "target": key, "float64": _figure(t64.get(key)),
+                         "float64, float32's sizes": _figure(twin.get(key)) if twin else "",
+                         "float32": _figure(t32.get(key)), "float32 detail": (t32.get(key) or {}).get("detail", "")})
+    met = sum(1 for r in rows if r.get("float32", "").endswith("(met)"))
+    missed = sum(1 for r in rows if r.get("float32", "").endswith("(**missed**)"))
+    cols = ["benchmark", "target", "float64"]
+    if any(r.get("float64, float32's sizes") for r in rows):
+        cols.append("float64, float32's sizes")
+    lines += [markdown_table(rows, cols + ["float32", "float32 detail"]), "",
+              f"float32: {met} met, {missed} missed ('-': that map or size is not in that dtype's run; a --quick "
+              "float32 run has fewer maps, smaller ones).",
+              ""]
+    notes = f32_dir / FLOAT32_NOTES
+    if notes.exists():
+        lines += [notes.read_text(encoding="utf-8").strip(), ""]
+    lines += ["### float32 runs", ""] + [_run_line(name, d32) for name, (_, d32) in runs.items() if d32]
+    lines += [_run_line(f"{name} (float64 at float32's sizes)", json.loads(path.read_text(encoding="utf-8")))
+              for name in FLOAT32 if (path := f32_dir / TWIN.format(name=name)).exists()]
+    for name, (_, d32) in runs.items():
+        if d32 is None:
+            continue
+        lines += ["", f"### {name}, float32", "", _description(name, "float32"), ""]
+        if name == "adjoint_solve":
+            lines += _adjoint_tables(d32)
+        elif name == "forward_solve":
+            lines += _forward_tables(d32)
+        else:
+            lines += _generic_tables(name, d32)
+    return lines
 
 
 def _met(value: Any) -> str:
@@ -50,9 +167,14 @@ def _adjoint_tables(data: dict) -> list[str]:
                 hit = r["targets"].get(str(t))
                 row[f"VJP+JVP to {t:g}"] = "not reached" if hit is None else f"{hit['vjps']}+{hit['jvps']}"
                 row[f"s to {t:g}"] = "-" if hit is None else C.fmt(hit.get("seconds_median"))
+            if "floor" in r:
+                f = r["floor"]
+                row["least error (budget)"] = f"{C.fmt(f['error'])} ({f['budget']})"
             rows.append(row)
         cols = ["library", "solver"] + [f"{k} to {t:g}" for t in data["results"]["targets_error"]
                                         for k in ("VJP+JVP", "s")]
+        if any("floor" in r for r in entry["solvers"]):
+            cols.append("least error (budget)")
         out += [f"#### {entry['label']}: n = {entry['n']}, rho(J) = {entry['rho']:.4f}"
                 + (f", one VJP {C.fmt(entry['vjp_seconds'])} s" if entry.get("vjp_seconds") else ""), "",
                 markdown_table(rows, cols), ""]
@@ -208,9 +330,11 @@ def render(out_dir: Path) -> str:
             continue
         stored = data.get("targets", [])
         if name == "adjoint_solve":       # verdicts re-derived from the stored rows by the benchmark's own rule
-            from benchmarks.adjoint_solve import targets_for
+            from benchmarks.adjoint_solve import targets_for, tolerances_of
+            tol = tolerances_of(data["results"])
             stored = [t for e in data["results"]["maps"]
-                      for t in targets_for(f"{e['label']} (rho {e['rho']:.3f})", e["solvers"], e.get("end_to_end"))]
+                      for t in targets_for(f"{e['label']} (rho {e['rho']:.3f})", e["solvers"], e.get("end_to_end"),
+                                           tol)]
         for t in stored:
             bound = t.get("bound", "")
             if name == "adjoint_solve" and t["met"] is False and not bound:
@@ -240,6 +364,9 @@ def render(out_dir: Path) -> str:
             lines += markdown(data)
         else:
             lines += _generic_tables(name, data)
+    section = float32_section(out_dir)
+    if section:
+        lines += ([""] if lines[-1] != "" else []) + section
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -7,7 +7,11 @@ tanh map; forward Anderson to 1e-8, backward Implicit(gmres) to 1e-8; float64, o
 interleaved repeats. The two results are compared (max relative difference per sample). Slot attention: the
 first parameter seed whose forward solve converges for every sample.
 
-    python -m benchmarks.vmap [--quick]      (or: fpgrad bench vmap)
+--dtype float32: maps built from the same float64 draws, then params, inputs, z0 and targets cast to float32;
+forward Anderson to 1e-5 and backward Implicit(gmres) to 1e-5 relative (float32's unit round-off is 6e-8); the two
+paths' gradients then agree to float32 round-off, not to 1e-9. Written to reports/benchmarks/float32/.
+
+    python -m benchmarks.vmap [--quick] [--dtype float32]      (or: fpgrad bench vmap)
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from benchmarks import _common as C
 
 SPEEDUP = 5.0
+TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 
 
 def per_sample(step, params, X, Z0, T, forward, backward):
@@ -40,38 +45,39 @@ def per_sample(step, params, X, Z0, T, forward, backward):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = C.parser("vmap", __doc__.splitlines()[0])
+    p = C.parser("vmap", __doc__.splitlines()[0], dtype=True)
     p.add_argument("--batch", type=int, default=64)
     args = p.parse_args(argv)
     run = C.Run("vmap", args)
+    dtype = run.dtype
     import fpgrad
     from fpgrad.estimators import Implicit
     from fpgrad.forward import Anderson
     B = 16 if args.quick else args.batch
     reps = C.repeats(args, full=3, quick=3)
     gen = torch.Generator().manual_seed(args.seed)
-    forward = Anderson(tol=1e-8, max_iter=500)
-    backward = Implicit(solver="gmres", tol=1e-8)
+    forward = Anderson(tol=TOL[dtype], max_iter=500)
+    backward = Implicit(solver="gmres", tol=TOL[dtype])
     maps = []
     dim, K, N = (16, 3, 16) if args.quick else (32, 4, 32)
     # slot attention at random init is not contractive for every input: take the first parameter seed (from
     # --seed on) whose forward solve converges for all B samples, so that both paths solve the same problems
     for seed in range(args.seed, args.seed + 10):
         g = torch.Generator().manual_seed(args.seed)
-        sa = fpgrad.maps.slot_attention(dim=dim, num_slots=K, seed=seed, dtype=C.DTYPE)
-        X = torch.randn(B, N, dim, generator=g, dtype=C.DTYPE)
+        sa = C.cast_map(fpgrad.maps.slot_attention(dim=dim, num_slots=K, seed=seed, dtype=C.DTYPE), dtype)
+        X = torch.randn(B, N, dim, generator=g, dtype=C.DTYPE).to(dtype)
         Z0 = sa.init_state(X, g)
         with C.quiet():
             if bool(fpgrad.solve(sa, X, z0=Z0, method=forward).converged.all()):
                 break
     maps.append((f"slot attention d={dim} K={K} N={N} (seed {seed})", sa, X, Z0))
     n = 64 if args.quick else 256
-    tanh = fpgrad.maps.tanh_rnn(n, 0.9, seed=args.seed)
-    Xt = torch.randn(B, n, generator=gen, dtype=C.DTYPE)
-    maps.append((f"tanh n={n} (W radius 0.9)", tanh, Xt, torch.zeros(B, n, dtype=C.DTYPE)))
+    tanh = C.cast_map(fpgrad.maps.tanh_rnn(n, 0.9, seed=args.seed), dtype)
+    Xt = torch.randn(B, n, generator=gen, dtype=C.DTYPE).to(dtype)
+    maps.append((f"tanh n={n} (W radius 0.9)", tanh, Xt, torch.zeros(B, n, dtype=dtype)))
     rows, targets = [], []
     for label, m, X, Z0 in maps:
-        Tz = torch.randn(Z0.shape, generator=gen, dtype=C.DTYPE)
+        Tz = torch.randn(Z0.shape, generator=gen, dtype=C.DTYPE).to(dtype)
         params = {k: v.detach() for k, v in m.params.items()}
         vmapped, looped = per_sample(m.step, params, X, Z0, Tz, forward, backward)
         with C.quiet():
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             ["map", "batch", "vmap s", "loop s", "speedup", "max rel diff", "forward_unconverged_samples"],
             "Per-sample gradients")
     C.table(targets, ["target", "met", "value", "threshold", "detail"], "Targets")
-    run.save({"rows": rows, "forward": repr(forward), "backward": repr(backward)}, targets)
+    run.save({"rows": rows, "forward": repr(forward), "backward": repr(backward), "tol": TOL[dtype]}, targets)
     return 0
 
 
