@@ -35,6 +35,42 @@ def add_products(counter: Any, *, vjps: int = 0, jvps: int = 0) -> None:
         counter.jvps += jvps
 
 
+class _Missing:
+    def __repr__(self) -> str:
+        return "<from the module>"
+
+
+FROM_MODULE: Any = _Missing()   # params / z / x not given: the first argument is a module (or its `last`)
+
+
+def resolve(step: Any, params: Any, z: Any, x: Any, where: str) -> tuple[Callable, Mapping[str, Tensor], Tensor,
+                                                                          Tensor | None]:
+    """(step, params, z, x) as given, or from a module: an ImplicitSlotAttention after its forward (its `last`),
+    a model holding exactly one, or such a `last` (an object with step, params, x, z)."""
+    given = [a is not FROM_MODULE for a in (params, z, x)]
+    if all(given):
+        return step, params, z, x
+    if any(given):
+        raise TypeError(f"{where}: give step, params, z and x, or a module alone (e.g. penalty(model, ...)), "
+                        "not a part of them")
+    if all(hasattr(step, a) for a in ("step", "params", "x", "z")):
+        last = step
+    elif isinstance(step, torch.nn.Module):
+        holders = [m for m in step.modules() if hasattr(m, "last")]
+        if len(holders) != 1:
+            found = "none" if not holders else f"{len(holders)} ({', '.join(type(m).__name__ for m in holders)})"
+            raise TypeError(f"{where}: {type(step).__name__} must hold exactly one module that records its solve "
+                            f"(an ImplicitSlotAttention), found {found}; pass that module, or step, params, z, x")
+        last = holders[0].last
+        if last is None:
+            raise ValueError(f"{where}: {type(holders[0]).__name__} has no solve to penalise yet: call the model "
+                             "on a batch first (outside torch.func transforms), then the penalty")
+    else:
+        raise TypeError(f"{where}: the first argument must be a step function (with params, z, x) or a module "
+                        f"(an ImplicitSlotAttention, or a model holding one), got {type(step).__name__}")
+    return last.step, last.params, last.z, last.x
+
+
 def infer_batched(z: Tensor, x: Tensor | None, batched: bool | None) -> bool:
     """Whether dim 0 of z (and x) is a batch of samples: as `fpgrad.fixed_point` infers it when None."""
     if batched is not None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from ._products import Linearised, infer_batched
+from ._products import FROM_MODULE, Linearised, infer_batched, resolve
 
 FORMS = ("vjp", "jvp")
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -39,7 +39,8 @@ def _reduce(values: Tensor, reduction: str, where: str) -> Tensor:
     raise ValueError(f"{where}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def frobenius_penalty(step: Callable, params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, *,
+def frobenius_penalty(step: Callable | torch.nn.Module, params: Mapping[str, Tensor] = FROM_MODULE,
+                      z: Tensor = FROM_MODULE, x: Tensor | None = FROM_MODULE, *,
                       probes: int = 1, generator: torch.Generator | None = None, form: str = "vjp",
                       vectors: Tensor | None = None, distribution: str = "rademacher", counter: Any = None,
                       batched: bool | None = None, reduction: str = "mean") -> Tensor:
@@ -57,6 +58,7 @@ def frobenius_penalty(step: Callable, params: Mapping[str, Tensor], z: Tensor, x
     reduction: "mean" (over the batch; a scalar loss term), "sum" or "none" ([B]; 0-dim for one sample).
     """
     where = "fpgrad.contraction.frobenius_penalty"
+    step, params, z, x = resolve(step, params, z, x, where)
     if form not in FORMS:
         raise ValueError(f"{where}: form must be one of {FORMS}, got {form!r}")
     is_batched = infer_batched(z, x, batched)

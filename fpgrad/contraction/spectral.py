@@ -20,7 +20,16 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from ._products import Linearised, ProductCount, add_products, infer_batched, small_dtype, unit_columns
+from ._products import (
+    FROM_MODULE,
+    Linearised,
+    ProductCount,
+    add_products,
+    infer_batched,
+    resolve,
+    small_dtype,
+    unit_columns,
+)
 
 KINDS = ("radius", "norm")
 TWO_SIDED_RESIDUAL = 1e-2      # relative Ritz residual under which the two-sided quotient is used (see below)
@@ -251,7 +260,8 @@ def _stored(state: SpectralState, B: int, kind: str, form: str) -> tuple[Tensor 
     return vecs[0], vecs[1], warm
 
 
-def spectral_penalty(step: Callable, params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, *,
+def spectral_penalty(step: Callable | torch.nn.Module, params: Mapping[str, Tensor] = FROM_MODULE,
+                     z: Tensor = FROM_MODULE, x: Tensor | None = FROM_MODULE, *,
                      target: float = 0.9, state: SpectralState | None = None, kind: str = "radius",
                      iters: int = 2, squared: bool = False, form: str = "jvp",
                      right: Tensor | None = None, left: Tensor | None = None,
@@ -268,6 +278,7 @@ def spectral_penalty(step: Callable, params: Mapping[str, Tensor], z: Tensor, x:
     See `spectral_estimate` for kind, form and the products per call.
     """
     where = "fpgrad.contraction.spectral_penalty"
+    step, params, z, x = resolve(step, params, z, x, where)
     is_batched = infer_batched(z, x, batched)
     warm = True
     if state is not None:
