@@ -79,10 +79,14 @@ def infer_batched(z: Tensor, x: Tensor | None, batched: bool | None) -> bool:
 
 
 class Linearised:
-    """The step around a fixed state z [B, *event]: J v and J^T u on flat per-sample vectors [B, n].
+    """The step around a fixed state z [B, *event]: J v and J^T u on flat per-sample vectors [B, n], ON THE TAPE.
 
-    z is detached (the state the backward linearises at); params are used as given, so products are on
-    the tape when params require grad. `detached()` gives the same linearisation without the tape.
+    z is detached (the state the backward linearises at); params are used as given, so the products are
+    differentiable in them. Detached products (the power steps) use fpgrad.jacobian.Jacobian; this class stays
+    for what Jacobian does not do: J^T u by one taped step and autograd.grad(create_graph=True) (as TorchDEQ's
+    jac_reg: cheaper than torch.func.vjp's wrappers under double backward) and J v by torch.func.jvp on the tape
+    (reverse-over-forward, no double backward: the form for torch.compile and fp16 autocast); built lazily
+    (no step evaluation until the first product).
     """
 
     def __init__(self, step: Callable, params: Mapping[str, Tensor], z: Tensor, x: Tensor | None,
@@ -104,11 +108,6 @@ class Linearised:
                              f"{tuple(getattr(out, 'shape', ()))}; J = df/dz needs a step that returns a state "
                              "of the input's shape")
         return out
-
-    def detached(self) -> Linearised:
-        params = {k: v.detach() for k, v in self.params.items()}
-        x = None if self.x is None else self.x.detach()
-        return Linearised(self.step, params, self.z, x, self.counter, self.where)
 
     def jvp(self, v: Tensor) -> Tensor:
         """J v for v [B, n] -> [B, n] (forward mode: no double backward)."""
