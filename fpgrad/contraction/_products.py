@@ -90,7 +90,7 @@ class Linearised:
     """
 
     def __init__(self, step: Callable, params: Mapping[str, Tensor], z: Tensor, x: Tensor | None,
-                 counter: Any = None, where: str = "fpgrad.contraction"):
+                 counter: Any = None, where: str = "fpgrad.contraction", taped: tuple[Tensor, Tensor] | None = None):
         if not isinstance(z, Tensor) or not z.is_floating_point():
             raise TypeError(f"{where}: z must be a floating torch.Tensor, got "
                             f"{getattr(z, 'dtype', type(z).__name__)}")
@@ -100,6 +100,15 @@ class Linearised:
         self.n = int(self.z[0].numel())
         self.counter = counter
         self._vjp_fn = None
+        if taped is not None:       # (z, f(z)) evaluated by the caller with z on the tape: J^T u from its graph
+            z_in, fz = taped
+            taped_params = any(p.requires_grad for p in params.values()) or (x is not None and x.requires_grad)
+
+            def reuse(v):
+                with torch.enable_grad():
+                    return (torch.autograd.grad(fz, z_in, v.reshape(fz.shape), retain_graph=True,
+                                                create_graph=taped_params)[0].reshape(self.z.shape),)
+            self._vjp_fn = reuse
 
     def _f(self, z: Tensor) -> Tensor:
         out = self.step(self.params, z, self.x)
