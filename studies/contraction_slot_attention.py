@@ -115,7 +115,10 @@ def train(args: argparse.Namespace) -> Path:
         history, start = list(ckpt["history"]), int(ckpt["step"])
         if rows_path.exists():      # rows past the checkpoint are redone
             _rewrite_rows(rows_path, [r for r in read_jsonl(rows_path) if r["step"] < start])
-    elif rows_path.exists():
+    elif rows_path.exists() and read_jsonl(rows_path):
+        if not args.restart:
+            raise SystemExit(f"{rows_path} has rows but {ckpt_path} is missing, so the run cannot resume; pass "
+                             "--restart to start it again from step 0 (the rows are replaced), or another --out")
         rows_path.unlink()
     append_jsonl(out / "runs.jsonl", {"event": "start", "at": time.time(), "from_step": start, "config": config})
     bar = tqdm(range(start, config["steps"]), initial=start, total=config["steps"], desc=f"arm {args.arm}",
@@ -220,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="the setting's smoke-test size (seconds, not a result)")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--restart", action="store_true", help="start from step 0 when rows exist without a checkpoint")
     p.add_argument("--table", action="store_true", help="print the table of the runs in --out and exit")
     args = p.parse_args(argv)
     if args.table:

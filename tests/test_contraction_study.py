@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from fpgrad.contraction import read_jsonl
 from studies import contraction_slot_attention as study
 
@@ -24,6 +26,11 @@ def test_quick_run_resumes_from_its_checkpoint(tmp_path):
     assert probed == [0, 2, 4]
     s = study.summary(rows)
     assert s["steps"] == 5 and s["probes"] == 3 and math.isfinite(s["max_rho_star"])
+    # rows without their checkpoint (e.g. a fresh clone): refused, never silently replaced
+    (tmp_path / "penalty" / "ckpt.pt").unlink()
+    with pytest.raises(SystemExit, match="--restart"):
+        study.main([*common, "--steps", "5"])
+    assert len(read_jsonl(tmp_path / "penalty" / "rows.jsonl")) == 5
 
 
 def test_summary_counts_spikes_and_rho_over_one():
