@@ -26,6 +26,9 @@ def test_quick_run_resumes_from_its_checkpoint(tmp_path):
     assert probed == [0, 2, 4]
     s = study.summary(rows)
     assert s["steps"] == 5 and s["probes"] == 3 and math.isfinite(s["max_rho_star"])
+    assert study.main(["--out", str(tmp_path), "--report", "--steps", "5"]) == 0
+    text = (tmp_path.parent / "README.md").read_text()
+    assert "penalty 5 of 5 steps" in text and "| penalty | 5 | 3 |" in text and "| 4 |" in text
     # rows without their checkpoint (e.g. a fresh clone): refused, never silently replaced
     (tmp_path / "penalty" / "ckpt.pt").unlink()
     with pytest.raises(SystemExit, match="--restart"):
