@@ -209,8 +209,9 @@ def table(out: Path) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     runs = {arm: read_jsonl(out / arm / "rows.jsonl") for arm in ARMS if (out / arm / "rows.jsonl").exists()}
     lines = head + [_row(arm, summary(rows)) for arm, rows in runs.items()]
-    if len(runs) == 2:
-        common = min(max((r["step"] for r in rows), default=-1) for rows in runs.values()) + 1
+    lasts = [max((r["step"] for r in rows), default=-1) + 1 for rows in runs.values()]
+    if len(runs) == 2 and min(lasts) < max(lasts):
+        common = min(lasts)
         lines += ["", f"Over the first {common} steps (done by both arms):", ""] + head
         lines += [_row(arm, summary([r for r in rows if r["step"] < common])) for arm, rows in runs.items()]
     return "\n".join(lines)
