@@ -170,3 +170,81 @@ def write_json(path: PathLike, obj: Any, indent: int | None = 1, sort_keys: bool
     """`jsonable(obj)` written atomically to `path` as standard JSON (no NaN / Inf literals), newline-terminated."""
     text = json.dumps(jsonable(obj), indent=indent, sort_keys=sort_keys, allow_nan=False)
     return atomic_write_text(path, text + "\n")
+
+
+# ---- JSON Lines (append-only rows) ----------------------------------------------------------------------------
+
+def _drop_torn_tail(path: Path) -> int:
+    """Cut a last line left without its newline by a kill mid-write (it is not a complete row), with a warning;
+    returns the bytes dropped. Only the tail can be torn: every append writes one whole line."""
+    import warnings
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        chunk, keep = 1 << 16, 0
+        pos = size
+        while pos > 0:                           # find the last newline, reading backwards
+            start = max(0, pos - chunk)
+            f.seek(start)
+            i = f.read(pos - start).rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            pos = start
+        f.seek(keep)
+        tail = f.read(min(size - keep, 60))
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    warnings.warn(f"{path}: dropped a torn last line ({size - keep} bytes, {tail!r}...) left by a write cut short "
+                  "(a killed run); the rows before it are kept", stacklevel=3)
+    return size - keep
+
+
+def append_jsonl(path: PathLike, row: Mapping[str, Any]) -> Path:
+    """Append `row` (as `jsonable`) as one line to the JSON Lines file `path` (created with its folder if
+    missing): one O_APPEND write, fsync'd before returning, so a row is on disk whole or not at all. A last line
+    torn by an earlier kill is dropped first, with a warning (as fpgrad.study's RowStore.repair)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(jsonable(row), separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        _drop_torn_tail(path)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_jsonl(path: PathLike) -> list[dict]:
+    """The complete rows of a JSON Lines file. A torn last line (no newline, not valid JSON: a kill mid-write) is
+    skipped with a warning; an invalid line elsewhere raises ValueError naming the file and line."""
+    import warnings
+    path = Path(path)
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if number == len(lines) and not data.endswith(b"\n"):
+                warnings.warn(f"{path}: skipped a torn last line ({line[:60]!r}...) left by a write cut short; "
+                              "the next append drops it", stacklevel=2)
+                continue
+            raise ValueError(f"{path}, line {number}: not valid JSON ({line[:60]!r}); each line must be one "
+                             "row: remove or fix that line") from None
+    return rows

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Union
+from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_inputs
 from .autograd import fixed_point
-from .errors import ShapeError
+from .errors import ConvergenceWarning, ShapeError
 from .estimators import CostRecord, Estimator, get_estimator
 from .forward import ForwardSolver, Iterate, get_forward
 from .maps import Map, init_slot_attention_params, sample_slots, slot_attention, slot_attention_step
+from .results import warn
+
+
+@dataclass(frozen=True)
+class SolvedState:
+    """What a forward solved, for the penalties of `fpgrad.contraction`: J = d step(params, z, x) / dz at z.
+
+    step: step(params, z, x); params: the module's parameters (live: a penalty built from them is
+    differentiable in them); x: the inputs as given (on the caller's tape); z: the output slots, detached (the
+    state the adjoint estimators linearise at; the tape estimators' last step starts one iterate earlier).
+    """
+
+    step: Callable
+    params: dict[str, Tensor]
+    x: Tensor
+    z: Tensor
 
 
 def _inside_torch_func_transform() -> bool:
@@ -33,6 +50,12 @@ class ImplicitSlotAttention(nn.Module):
     backward choice); with a tol the forward stops per sample at tol (iters is then the cap) using
     `forward` ("iterate" | "anderson" | "broyden").
     forward(inputs, return_info=True) also returns a CostRecord with the forward residuals and costs.
+
+    Contraction penalties: after a forward, `module.last` is a `SolvedState` (step, params, x, z), and
+    `fpgrad.contraction.spectral_penalty(module, state=state)` / `frobenius_penalty(module, generator=g)` take
+    the module (or a model holding one) directly:  loss = task + 0.1 * spectral_penalty(model, state=state).
+    `last` holds the inputs (and so their graph) until the next forward; it is None before the first forward
+    and after one run inside a torch.func transform (vmap), whose tensors cannot leave it.
 
     DistributedDataParallel: every sample is solved on its own, so sharding the batch over ranks gives the
     single-process gradient of the mean loss. Parameters that backward leaves without a .grad are listed by
@@ -67,6 +90,7 @@ class ImplicitSlotAttention(nn.Module):
         self.backward_spec = backward
         get_estimator(backward, iters=iters)            # validate the name now, not at the first call
         self.compile_step = compile_step
+        self.last: SolvedState | None = None
         self.slots_mu = nn.Parameter(torch.empty(1, 1, dim))
         self.slots_log_sigma = nn.Parameter(torch.empty(1, 1, dim))
         self.norm_input = nn.LayerNorm(self.input_dim)
@@ -82,6 +106,11 @@ class ImplicitSlotAttention(nn.Module):
         with torch.no_grad():
             for k, p in self.named_parameters():
                 p.copy_(init[k])
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy / pickle: `last` refers to the caller's graph (non-leaf tensors cannot be deep-copied)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "last": None}
 
     def config(self) -> dict:
         """The constructor arguments (JSON-able) that rebuild this module."""
@@ -144,7 +173,23 @@ class ImplicitSlotAttention(nn.Module):
     def _solver(self, iters: int, measure_last: bool = True) -> ForwardSolver:
         if self.tol is None:
             return Iterate.exactly(iters, measure_last=measure_last)
-        return get_forward(self.forward_method, tol=self.tol, max_iter=iters)
+        # the solver's own warning would name its max_iter; this module's knobs are iters / tol / forward
+        return get_forward(self.forward_method, tol=self.tol, max_iter=iters, warn=False)
+
+    def _warn_unconverged(self, record: CostRecord, iters: int) -> None:
+        """Warn (ConvergenceWarning) when the forward stopped at its cap short of tol, naming this module's knobs."""
+        if not record.forward:
+            return
+        fp = record.forward[-1]
+        bad = ~fp.converged.reshape(-1)
+        if not bool(bad.any()):
+            return
+        worst = float(fp.relative_residual.reshape(-1)[bad].max())
+        method = self.forward_method if isinstance(self.forward_method, str) else type(self.forward_method).__name__
+        alternative = "or forward='anderson' / 'broyden'" if method == "iterate" else "or another forward="
+        warn(f"ImplicitSlotAttention: {int(bad.sum())} of {bad.numel()} sample(s) did not reach tol {self.tol:g} "
+             f"in iters={iters} steps of forward={method!r} (worst relative residual {worst:.2e}); raise iters "
+             f"(eval_iters in evaluation), loosen tol, {alternative}", ConvergenceWarning)
 
     def estimator(self) -> Estimator:
         return get_estimator(self.backward_spec, iters=self.iters if self.training else self.eval_iters)
@@ -202,4 +247,8 @@ class ImplicitSlotAttention(nn.Module):
         solver = self._solver(solve_iters, measure_last=not est.taped_steps_after_solve)
         z = fixed_point(self._step, params, inputs, z0, forward=solver, backward=est, record=record, batched=True,
                         check=False)
+        inside = _inside_torch_func_transform()
+        self.last = None if inside else SolvedState(self._step, params, inputs, z.detach())
+        if self.tol is not None and not inside:
+            self._warn_unconverged(record, iters)
         return (z, record) if return_info else z

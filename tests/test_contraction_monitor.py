@@ -145,14 +145,35 @@ def test_tensorboard_is_used_when_it_imports_and_skipped_with_a_reason_otherwise
         assert monitor.writer is not None and monitor.tensorboard_skipped is None
 
 
-def test_append_jsonl_ends_a_line_cut_short_and_keeps_every_row(tmp_path):
+def test_append_jsonl_drops_a_torn_last_line_with_a_warning_and_keeps_every_row(tmp_path):
     path = tmp_path / "rows.jsonl"
     append_jsonl(path, {"step": 0, "value": float("nan")})
     with open(path, "a") as f:
         f.write('{"step": 1, "val')                                   # a crash mid-row
-    append_jsonl(path, {"step": 2, "value": torch.tensor(0.5)})
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert read_jsonl(path) == [{"step": 0, "value": "nan"}]
+    with pytest.warns(UserWarning, match="dropped a torn last line"):
+        append_jsonl(path, {"step": 2, "value": torch.tensor(0.5)})
     assert read_jsonl(path) == [{"step": 0, "value": "nan"}, {"step": 2, "value": 0.5}]
-    assert all(line.endswith("}") or line.startswith('{"step": 1') for line in path.read_text().splitlines())
+    assert path.read_text() == '{"step":0,"value":"nan"}\n{"step":2,"value":0.5}\n'
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                # whole lines: no warning
+        append_jsonl(path, {"step": 3})
+        assert len(read_jsonl(path)) == 3
+
+
+def test_read_jsonl_refuses_a_bad_line_that_is_not_the_tail(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        read_jsonl(path)
+
+
+def test_the_contraction_rows_are_the_io_module_s():
+    import fpgrad._io
+    import fpgrad.contraction
+    assert fpgrad.contraction.append_jsonl is fpgrad._io.append_jsonl
+    assert fpgrad.contraction.read_jsonl is fpgrad._io.read_jsonl
 
 
 def test_monitor_rejects_a_zero_period():

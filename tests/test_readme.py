@@ -28,3 +28,17 @@ def test_train_your_own_module_block_trains_the_module_and_fills_its_grad():
     x, target = namespace["x"], namespace["target"]
     z_first = namespace["fpgrad"].fixed_point(m0.step, m0.params, x, torch.zeros(32, 16), backward="implicit")
     assert loss.item() < ((z_first - target) ** 2).mean().item()
+
+
+def test_keep_the_map_contractive_block_keeps_rho_under_one_and_takes_the_module():
+    from fpgrad.contraction import dense_radius
+    namespace: dict = {}
+    exec(compile(_block_after("## Keep the map contractive"), "README.md", "exec"), namespace)
+    m, params, x = namespace["m"], namespace["params"], namespace["x"]
+    z = namespace["fpgrad"].solve(m.with_params({k: v.detach() for k, v in params.items()}), x, tol=1e-10).z
+    rho = dense_radius(m.step, {k: v.detach() for k, v in params.items()}, z, x)
+    assert float(rho.max()) < 1.0
+    assert namespace["state"].calls == 40 and namespace["sa_state"].calls == 3
+    sa = namespace["sa"]
+    no_grad = set(sa.parameters_without_grad())         # one_step: the slot initialisation
+    assert sa.last is not None and all(p.grad is not None for k, p in sa.named_parameters() if k not in no_grad)

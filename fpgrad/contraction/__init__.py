@@ -10,7 +10,7 @@ z_star is the state the backward linearises at (e.g. fpgrad.fixed_point's output
 (detached) and are differentiable in params. Products with J are counted (ProductCount or a CostRecord).
 """
 
-from ._jsonl import append_jsonl, read_jsonl
+from .._io import append_jsonl, read_jsonl
 from ._products import ProductCount
 from .correction import correction_weights, fixed_point_correction
 from .frobenius import draw_probes, frobenius_exact, frobenius_penalty

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from ._products import Linearised, infer_batched
+from ._products import FROM_MODULE, Linearised, infer_batched, resolve
 
 FORMS = ("vjp", "jvp")
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -39,10 +39,11 @@ def _reduce(values: Tensor, reduction: str, where: str) -> Tensor:
     raise ValueError(f"{where}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def frobenius_penalty(step: Callable, params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, *,
+def frobenius_penalty(step: Callable | torch.nn.Module, params: Mapping[str, Tensor] = FROM_MODULE,
+                      z: Tensor = FROM_MODULE, x: Tensor | None = FROM_MODULE, *,
                       probes: int = 1, generator: torch.Generator | None = None, form: str = "vjp",
                       vectors: Tensor | None = None, distribution: str = "rademacher", counter: Any = None,
-                      batched: bool | None = None, reduction: str = "mean") -> Tensor:
+                      batched: bool | None = None, reduction: str = "mean", fz: Tensor | None = None) -> Tensor:
     """Hutchinson estimate of ||J||_F^2 / n per sample, J = d step(params, z, x) / dz at z (detached).
 
     ||J||_F^2 = E ||J^T v||^2 = E ||J v||^2 for probes with E v v^T = I; the estimate is the mean over `probes`
@@ -55,8 +56,13 @@ def frobenius_penalty(step: Callable, params: Mapping[str, Tensor], z: Tensor, x
         (`distribution` "rademacher" or "gaussian").
     counter: an object with vjps / jvps fields (ProductCount, CostRecord): one product per probe is added.
     reduction: "mean" (over the batch; a scalar loss term), "sum" or "none" ([B]; 0-dim for one sample).
+    fz: the task's own evaluation step(params, z, x), made with z requiring grad (as TorchDEQ's jac_reg); the
+        VJP form then differentiates its graph instead of evaluating the step once more (the cost of jac_reg):
+            z = z_star.detach().requires_grad_(); f = step(params, z, x)
+            loss = task(f) + frobenius_penalty(step, params, z, x, fz=f)
     """
     where = "fpgrad.contraction.frobenius_penalty"
+    step, params, z, x = resolve(step, params, z, x, where)
     if form not in FORMS:
         raise ValueError(f"{where}: form must be one of {FORMS}, got {form!r}")
     is_batched = infer_batched(z, x, batched)
@@ -72,7 +78,19 @@ def frobenius_penalty(step: Callable, params: Mapping[str, Tensor], z: Tensor, x
             raise ShapeError(f"{where}: vectors must be [probes, *z.shape] = [probes, {', '.join(map(str, want))}], "
                              f"got {tuple(vectors.shape)}")
         vectors = vectors if is_batched else vectors.unsqueeze(1)
-    lin = Linearised(step, params, zb, xb, counter, where)
+    taped = None
+    if fz is not None:
+        if form != "vjp":
+            raise ValueError(f"{where}: fz= is reused by the VJP form only (the JVP form evaluates the step under "
+                             "torch.func.jvp); use form='vjp' or drop fz=")
+        if not isinstance(fz, Tensor) or fz.shape != z.shape:
+            raise ShapeError(f"{where}: fz must be step(params, z, x), of z's shape {tuple(z.shape)}, got "
+                             f"{tuple(getattr(fz, 'shape', ()))}")
+        if not (z.requires_grad and fz.requires_grad):
+            raise ValueError(f"{where}: fz= needs the step evaluated at a z that requires grad: "
+                             "z = z_star.detach().requires_grad_(); fz = step(params, z, x); then pass both")
+        taped = (z, fz)
+    lin = Linearised(step, params, zb, xb, counter, where, taped=taped)
     product = lin.vjp if form == "vjp" else lin.jvp
     total = None
     for v in vectors:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor
 
-from ._jsonl import append_jsonl
+from .._io import append_jsonl
 from .spectral import SpectralState, spectral_estimate
 
 

@@ -20,7 +20,17 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from ._products import Linearised, ProductCount, add_products, infer_batched, small_dtype, unit_columns
+from ..jacobian import Jacobian
+from ._products import (
+    FROM_MODULE,
+    Linearised,
+    ProductCount,
+    add_products,
+    infer_batched,
+    resolve,
+    small_dtype,
+    unit_columns,
+)
 
 KINDS = ("radius", "norm")
 TWO_SIDED_RESIDUAL = 1e-2      # relative Ritz residual under which the two-sided quotient is used (see below)
@@ -151,8 +161,10 @@ def spectral_estimate(step: Callable, params: Mapping[str, Tensor], z: Tensor, x
             self.vjps = self.jvps = 0
 
     both = _Both()
-    lin = Linearised(step, params, zb, xb, both, where)
-    frozen = lin.detached()
+    lin = Linearised(step, params, zb, xb, both, where)        # the product on the tape
+    # the detached power steps: the library's Jacobian at z (one step evaluation; J v by its double VJP)
+    frozen = _Frozen(Jacobian(step, {k: v.detach() for k, v in params.items()},
+                              None if xb is None else xb.detach(), lin.z, record=both, name=where))
     B, n = lin.batch, lin.n
     p = 2 if kind == "radius" else 1
     if p > n:
@@ -228,7 +240,25 @@ def spectral_estimate(step: Callable, params: Mapping[str, Tensor], z: Tensor, x
     return SpectralEstimate(out(value), out(resid), out(nxt_right), out(nxt_left), kind, own.vjps, own.jvps)
 
 
-def _norm_residual(frozen: Linearised, v: Tensor, u: Tensor, form: str) -> Tensor:
+class _Frozen:
+    """fpgrad.jacobian.Jacobian on the power steps' blocks: V [B, n, p] -> J V (or J^T V), detached, counted p."""
+
+    def __init__(self, J: Jacobian):
+        self.J = J
+
+    def apply(self, V: Tensor, transpose: bool = False) -> Tensor:
+        block = V.movedim(-1, 0)
+        out = self.J.rmatvec(block) if transpose else self.J.matvec(block)
+        return out.movedim(0, -1)
+
+    def jvp(self, v: Tensor) -> Tensor:
+        return self.J.matvec(v)
+
+    def vjp(self, u: Tensor) -> Tensor:
+        return self.J.rmatvec(u)
+
+
+def _norm_residual(frozen: _Frozen, v: Tensor, u: Tensor, form: str) -> Tensor:
     """sin of the angle between v and J^T J v (jvp form; u = J v / sigma) or between u and J J^T u (vjp form):
     0 exactly at a singular vector. One detached product (counted)."""
     back = frozen.vjp(u) if form == "jvp" else frozen.jvp(u)
@@ -251,7 +281,8 @@ def _stored(state: SpectralState, B: int, kind: str, form: str) -> tuple[Tensor 
     return vecs[0], vecs[1], warm
 
 
-def spectral_penalty(step: Callable, params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, *,
+def spectral_penalty(step: Callable | torch.nn.Module, params: Mapping[str, Tensor] = FROM_MODULE,
+                     z: Tensor = FROM_MODULE, x: Tensor | None = FROM_MODULE, *,
                      target: float = 0.9, state: SpectralState | None = None, kind: str = "radius",
                      iters: int = 2, squared: bool = False, form: str = "jvp",
                      right: Tensor | None = None, left: Tensor | None = None,
@@ -268,6 +299,7 @@ def spectral_penalty(step: Callable, params: Mapping[str, Tensor], z: Tensor, x:
     See `spectral_estimate` for kind, form and the products per call.
     """
     where = "fpgrad.contraction.spectral_penalty"
+    step, params, z, x = resolve(step, params, z, x, where)
     is_batched = infer_batched(z, x, batched)
     warm = True
     if state is not None:
