@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fpgrad
-from fpgrad.errors import ConvergenceWarning, DeviceError, DTypeError, ShapeError
+from fpgrad.errors import ConfigError, ConvergenceWarning, DeviceError, DTypeError, ShapeError
 from fpgrad.estimators import Neumann
 
 
@@ -105,3 +105,42 @@ def test_call_step_checks_the_output_shape():
     from fpgrad._checks import call_step
     with pytest.raises(ShapeError, match=r"changed the state's shape from \(2, 3\) to \(2, 4\)"):
         call_step(lambda p, z, x: torch.zeros(2, 4), {}, torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+# --- tolerances (issue 17, item 10) ----------------------------------------------------------------------------
+
+def _tolerance_holders(tol):
+    return {"solve": lambda: fpgrad.forward.get_forward("iterate", tol=tol),
+            "anderson": lambda: fpgrad.forward.get_forward("anderson", tol=tol),
+            "gmres": lambda: fpgrad.linsolve.GMRES(tol=tol),
+            "dense": lambda: fpgrad.linsolve.Dense(tol=tol),
+            "mixed": lambda: fpgrad.linsolve.MixedPrecision(fpgrad.linsolve.GMRES(), tol=tol),
+            "implicit": lambda: fpgrad.estimators.Implicit(tol=tol)}
+
+
+@pytest.mark.parametrize("holder", list(_tolerance_holders(0.0)))
+@pytest.mark.parametrize("tol", [-1.0, float("nan")], ids=["negative", "nan"])
+def test_negative_or_nan_tolerance_is_a_named_config_error(holder, tol):
+    with pytest.raises(ConfigError, match="tol must be a number >= 0"):
+        _tolerance_holders(tol)[holder]()
+
+
+def test_negative_tolerance_of_fpgrad_solve_raises_before_solving():
+    m = fpgrad.maps.linear(0.5 * torch.eye(3), torch.eye(3))
+    with pytest.raises(ConfigError, match="tol must be a number >= 0, got tol=-1"):
+        fpgrad.solve(m, torch.ones(2, 3), tol=-1)
+    with pytest.raises(ConfigError, match="atol must be a number >= 0, got atol=nan"):
+        fpgrad.solve(m, torch.ones(2, 3), atol=float("nan"))
+
+
+def test_relative_tolerance_of_one_or_more_warns_that_it_returns_the_initial_guess():
+    m = fpgrad.maps.linear(0.5 * torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    x = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="tol=1e\\+10 >= 1 is met before the first iteration"):
+        sol = fpgrad.solve(m, x, tol=1e10)
+    assert bool(sol.converged.all()) and float(sol.z.abs().max()) == 0.0     # z0, flagged converged: warned
+    with pytest.warns(UserWarning, match="Implicit: relative tol=2 >= 1"):
+        est = fpgrad.estimators.Implicit(tol=2.0)
+    with pytest.warns(UserWarning, match="zero gradient"):
+        g = fpgrad.gradient(m, x, lambda z: z.sum(), estimator=est)
+    assert float(g.flat().abs().max()) == 0.0

@@ -8,6 +8,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from .._checks import check_tolerance
 from ..errors import DivergenceError, ShapeError
 from ..linsolve import SOLVERS, AbstractSolver, MixedPrecision, get_solver
 from ..results import SeriesResidual, report, warn
@@ -217,6 +218,7 @@ class Implicit(Estimator):
         return f"Implicit({solver})" if self.tol is None else f"Implicit({solver}, tol={self.tol:g})"
 
     def __post_init__(self):
+        check_tolerance("Implicit", self.tol)
         if isinstance(self.solver, str) and self.solver not in SOLVERS:
             raise ValueError(f"Implicit: unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
         if not isinstance(self.solver, (str, AbstractSolver)):

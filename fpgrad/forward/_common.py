@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .._checks import check_batch, check_inputs, check_step_output, sum_is_finite
+from .._checks import check_batch, check_inputs, check_step_output, check_tolerance, sum_is_finite
 from ..errors import NonFiniteError
 from ..results import FixedPoint, Status, report
 
@@ -69,6 +69,9 @@ class ForwardSolver:
 
     name = "base"
     restarts = False   # quasi-Newton methods restart from the best iterate when the residual blows up
+
+    def __post_init__(self):
+        check_tolerance(f"fpgrad.solve(method='{self.name}')", self.tol, self.atol)
 
     # --- the per-method pieces -------------------------------------------------------------
     def _init(self, z: Tensor, fz: Tensor) -> Any:

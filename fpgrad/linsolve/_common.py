@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from .._checks import check_finite
+from .._checks import check_finite, check_tolerance
 from ..errors import DeviceError, DTypeError, ShapeError, SingularSystemError  # noqa: F401  (re-exported)
 from ..results import LinearSolution, Status, report
 
@@ -267,6 +267,9 @@ class LinearSolver(AbstractSolver):
 
     fixes: ClassVar[dict] = {}        # per-status advice replacing the generic one in _FIXES
 
+    def __post_init__(self):
+        check_tolerance(type(self).__name__, self.tol, self.atol)
+
     def compute(self, M: Operator, b: Tensor, *, x0: Tensor | None = None, MT: Operator | None = None,
                 preconditioner: Operator | None = None, state: Any = None) -> LinearSolution:
         """`solve` without the report: the LinearSolution carries each sample's status and nothing warns (bad
@@ -305,8 +308,7 @@ class LinearSolver(AbstractSolver):
 
     # --- checks and messages ---------------------------------------------------------------------------------
     def _check_config(self) -> None:
-        if not self.tol >= 0 or not self.atol >= 0:
-            raise ValueError(f"{self.name}: tol and atol must be >= 0, got tol={self.tol}, atol={self.atol}")
+        check_tolerance(type(self).__name__, self.tol, self.atol)
         if self.max_iter < 0:
             raise ValueError(f"{self.name}: max_iter must be >= 0, got {self.max_iter}")
 
