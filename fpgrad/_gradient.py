@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_inputs
-from .autograd import _default_forward, fixed_point
+from .autograd import _default_forward, fixed_point, warn_ignored_forward
 from .errors import ShapeError
 from .estimators import CostRecord, Estimator, Gradient, Implicit, get_estimator
 from .forward import ForwardSolver, get_forward, is_batched
@@ -62,6 +62,7 @@ def gradient(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
     est = Implicit() if estimator is None else get_estimator(estimator)
     if est.is_reference:                 # a reference (FiniteDifference) computes the whole gradient itself
         return est.compute(m, x, loss_fn, z0, generator)
+    warn_ignored_forward(est, forward, "fpgrad.gradient")
     solver = _default_forward(m.dtype) if forward is None else get_forward(forward)
     params = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in m.params.items()}
     x_leaf = x.detach().requires_grad_(x.is_floating_point())

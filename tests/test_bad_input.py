@@ -10,7 +10,7 @@ from torch import nn
 
 import fpgrad
 from fpgrad.errors import ConfigError, ConvergenceWarning, DeviceError, DTypeError, ShapeError
-from fpgrad.estimators import Neumann
+from fpgrad.estimators import Neumann, Unrolled
 
 
 def test_huge_finite_inputs_are_not_reported_converged():
@@ -144,3 +144,42 @@ def test_relative_tolerance_of_one_or_more_warns_that_it_returns_the_initial_gue
     with pytest.warns(UserWarning, match="zero gradient"):
         g = fpgrad.gradient(m, x, lambda z: z.sum(), estimator=est)
     assert float(g.flat().abs().max()) == 0.0
+
+
+# --- estimator configs (issue 17, item 13) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, match", [(lambda: Unrolled(0), "T .* must be an int >= 1, got T=0"),
+                                         (lambda: Unrolled(-3), "got T=-3"),
+                                         (lambda: Neumann(-1), "k must be an int >= 0"),
+                                         (lambda: fpgrad.estimators.get_estimator("unrolled-0"), "got T=0")],
+                         ids=["unrolled-0", "unrolled-negative", "neumann-negative", "unrolled-0-string"])
+def test_estimator_of_no_iterations_is_rejected_at_construction(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make()
+
+
+def test_unrolled_accepts_its_T_in_the_name_as_neumann_does():
+    assert fpgrad.estimators.get_estimator("unrolled-300") == Unrolled(300)
+    assert fpgrad.estimators.get_estimator("Unrolled_7") == Unrolled(7)
+
+
+@pytest.mark.parametrize("call", ["fixed_point", "gradient"])
+def test_forward_ignored_by_unrolled_is_said(call):
+    m = fpgrad.maps.linear(0.5 * torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    x = torch.ones(2, 3, dtype=torch.float64)
+    z0 = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="forward='broyden' is ignored by Unrolled\\(30\\)"):
+        if call == "gradient":
+            fpgrad.gradient(m, x, lambda z: z.sum(), estimator="unrolled-30", z0=z0, forward="broyden")
+        else:
+            fpgrad.fixed_point(m.step, m.params, x, z0, forward="broyden", backward=Unrolled(30))
+
+
+def test_forward_used_by_the_estimator_is_not_warned_about():
+    m = fpgrad.maps.linear(0.5 * torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    x = torch.ones(2, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fpgrad.fixed_point(m.step, m.params, x, torch.zeros(2, 3, dtype=torch.float64), forward="broyden",
+                           backward="one_step")
+        fpgrad.gradient(m, x, lambda z: z.sum(), estimator=Unrolled(5))      # no forward= given: nothing to say

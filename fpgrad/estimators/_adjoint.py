@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_tolerance
-from ..errors import DivergenceError, ShapeError
+from ..errors import ConfigError, DivergenceError, ShapeError
 from ..linsolve import SOLVERS, AbstractSolver, MixedPrecision, get_solver
 from ..results import SeriesResidual, report, warn
 from ._base import CostRecord, Estimator, Linearisation
@@ -97,6 +97,11 @@ class Neumann(Estimator):
     adjoint = True
     reports_residual = True
 
+    def __post_init__(self):
+        if not (isinstance(self.k, int) and self.k >= 0):
+            raise ConfigError(f"Neumann: k must be an int >= 0 (Neumann(k) keeps the terms (J^T)^i g for i = 0..k; "
+                              f"Neumann(0) is OneStep()), got k={self.k!r}")
+
     def describe(self) -> str:
         return f"Neumann({self.k})"
 
@@ -138,7 +143,7 @@ class Phantom(Estimator):
 
     def __post_init__(self):
         if self.k < 1 or not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"Phantom: need k >= 1 and 0 < tau <= 1, got k={self.k}, tau={self.tau}")
+            raise ConfigError(f"Phantom: need k >= 1 and 0 < tau <= 1, got k={self.k}, tau={self.tau}")
 
     def adjoint_vector(self, lin: Linearisation, g: Tensor, record: CostRecord) -> Tensor:
         check_fixed_point(f"Phantom({self.k}, {self.tau})", lin, self.fixed_point_rtol, record)
