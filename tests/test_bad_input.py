@@ -183,3 +183,35 @@ def test_forward_used_by_the_estimator_is_not_warned_about():
         fpgrad.fixed_point(m.step, m.params, x, torch.zeros(2, 3, dtype=torch.float64), forward="broyden",
                            backward="one_step")
         fpgrad.gradient(m, x, lambda z: z.sum(), estimator=Unrolled(5))      # no forward= given: nothing to say
+
+
+# --- an empty batch (issue 17, item 12) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["iterate", "anderson", "broyden"])
+def test_empty_batch_solve_returns_empty_results(method):
+    m = fpgrad.maps.slot_attention(dim=8, num_slots=3, seed=0)
+    sol = fpgrad.solve(m, torch.randn(0, 5, 8, dtype=m.dtype), method=method)
+    assert sol.z.shape == (0, 3, 8) and sol.converged.shape == (0,) and sol.steps.shape == (0,)
+    assert "empty batch" in sol.message
+
+
+@pytest.mark.parametrize("estimator", ["implicit", "implicit-dense", "implicit-bicgstab", "implicit-cg_normal",
+                                       "implicit-neumann", "implicit-gcrodr", "neumann-3", "phantom-3", "one_step",
+                                       "truncated-2", "unrolled-3"])
+def test_empty_batch_gradient_is_zero_and_empty(estimator):
+    m = fpgrad.maps.tanh_rnn(n=4, spectral_radius=0.5, seed=0)
+    x = torch.randn(0, 4, dtype=m.dtype)
+    g = fpgrad.gradient(m, x, lambda z: z.sum(), estimator=estimator)
+    assert g.z.shape == (0, 4) and g.x.shape == (0, 4) and g.ok
+    for k, v in g.params.items():                 # a sum over no samples: exactly zero, the right shape
+        assert v.shape == m.params[k].shape and not bool(v.any())
+
+
+def test_empty_batch_through_fixed_point_backward():
+    A = torch.nn.Parameter(0.5 * torch.eye(3, dtype=torch.float64))
+    m = fpgrad.maps.linear(A.detach(), torch.eye(3, dtype=torch.float64))
+    x = torch.ones(0, 3, dtype=torch.float64)
+    z = fpgrad.fixed_point(m.step, {"A": A, "B": m.params["B"]}, x, torch.zeros(0, 3, dtype=torch.float64))
+    assert z.shape == (0, 3)
+    z.sum().backward()
+    assert A.grad is not None and not bool(A.grad.any())

@@ -62,7 +62,7 @@ def _record_series(name: str, terms: int, g: Tensor, u: Tensor, JTu: Tensor, rec
     residual = torch.where(gnorm > 0, r / gnorm.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(r))
     tol = default_tolerance(g.dtype)
     solved = residual <= tol
-    worst = float(residual.max())
+    worst = float(residual.max()) if residual.numel() else 0.0     # (an empty batch leaves no residual)
     B = residual.numel()
     where = "" if B == 1 else f" (worst of {B} samples)"
     message = (f"{name}: the truncated series ({terms} terms) leaves a relative residual of {worst:.2e}{where} in "

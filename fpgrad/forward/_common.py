@@ -41,7 +41,7 @@ class _BatchedStep:
         out = self.step(self.params, z, x)
         if self.evaluations == 1:
             check_step_output(z, out, "fpgrad.solve")
-        return out.reshape(zf.shape[0], -1)
+        return out.reshape(zf.shape)
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class ForwardSolver:
     def _loop(self, step, params, x, z0: Tensor) -> FixedPoint:
         B = z0.shape[0]
         f = _BatchedStep(step, params, x, z0.shape[1:])
-        z = z0.reshape(B, -1)
+        z = z0.reshape(B, math.prod(z0.shape[1:]))         # (not -1: B may be 0)
         fz = f(z, None)
         self._check_finite(torch.ones(B, dtype=torch.bool, device=z.device), 0, fz)
         res = (fz - z).norm(dim=1)
@@ -193,6 +193,8 @@ class ForwardSolver:
 
     def _message(self, residuals: Tensor, converged: Tensor, steps: Tensor, relative: Tensor) -> str:
         B = converged.numel()
+        if B == 0:
+            return f"{self.name}: empty batch (0 samples), nothing to solve"
         worst = float(residuals[-1].max())
         if bool(converged.all()):
             return (f"{self.name}: all {B} sample(s) converged in at most {int(steps.max())} steps "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,7 @@ class Iterate(ForwardSolver):
         """T steps without per-iteration host syncs: the residuals stay on the device, NaN/Inf is looked for once."""
         B, T, d = z0.shape[0], self.max_iter, self.damping
         f = _BatchedStep(step, params, x, z0.shape[1:])
-        z = z0.reshape(B, -1)
+        z = z0.reshape(B, math.prod(z0.shape[1:]))
         trace, rel_trace = [], []
         tiny = torch.finfo(z.dtype).tiny
         for t in range(T + 1 if self.measure_last else T):

@@ -337,6 +337,8 @@ class LinearSolver(AbstractSolver):
 
     def _message(self, run: _Run, residuals: Tensor) -> str:
         B = run.status.numel()
+        if B == 0:
+            return f"{self.name}: empty batch (0 samples), nothing to solve"
         final = residuals[-1]
         ok = run.status == CONVERGED
         if bool(ok.all()):
