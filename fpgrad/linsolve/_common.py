@@ -32,8 +32,16 @@ STAGNATION = 1e-3         # a restart cycle that lowers the true residual by les
 
 
 def dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample inner product of [B, n] tensors: [B]."""
-    return torch.linalg.vecdot(a, b, dim=1)
+    """Per-sample inner product of [B, n] tensors: [B], accumulated and returned in small_dtype (float32 or wider:
+    a half-precision sum of squares overflows at 65504); scale a vector by it with `scalar.to(v.dtype)`."""
+    wide = small_dtype(a.dtype)
+    return torch.linalg.vecdot(a.to(wide), b.to(wide), dim=1)
+
+
+def small_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a solver's small dense algebra (Hessenberg least squares, dense LU): float32 or wider, whatever
+    the map's dtype (CPU LAPACK has no half-precision kernels, and bfloat16's 8 bits would spoil the rotations)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def safe(x: Tensor) -> Tensor:
