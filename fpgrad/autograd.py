@@ -19,14 +19,16 @@ from torch import Tensor
 from ._checks import check_inputs
 from .estimators import Estimator, Implicit, get_estimator
 from .estimators._base import CostRecord
-from .forward import ForwardSolver, get_forward, solve_detached
+from .forward import ForwardSolver, default_tolerance, get_forward, solve_detached
 from .results import warn
 
 __all__ = ["fixed_point", "solve_detached"]
 
 
 def _default_forward(dtype: torch.dtype) -> ForwardSolver:
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    """fixed_point's forward when none is given: Anderson to 1e-10 in float64, else to default_tolerance(dtype)
+    (1e-5 in float32, 1e-2 in bfloat16 / float16), at most 500 steps."""
+    tol = 1e-10 if dtype == torch.float64 else default_tolerance(dtype)
     return get_forward("anderson", tol=tol, max_iter=500)
 
 

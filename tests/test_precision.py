@@ -60,7 +60,9 @@ def test_fixed_point_backward_in_half_precision(dtype, backward):
                                forward=get_forward("anderson", tol=1e-2), backward=backward)
         _loss(z).backward()
     assert z.dtype == dtype and W.grad.dtype == dtype
-    assert _relative_error(W.grad, ref.params["W"]) < 5e-2
+    # the default adjoint tolerance in bfloat16 is 5e-2 (what slot attention can reach): a gradient within ~1e-1
+    bound = 1e-1 if backward == "implicit" and dtype == torch.bfloat16 else 5e-2
+    assert _relative_error(W.grad, ref.params["W"]) < bound
 
 
 @pytest.mark.parametrize("solver", [GMRES(tol=1e-6, max_iter=40), Dense(tol=1e-6), BiCGSTAB(tol=1e-6, max_iter=40)],
@@ -81,3 +83,40 @@ lambda v: torch.bmm(M, v.unsqueeze(2)).squeeze(2), b)
     eps = torch.finfo(dtype).eps
     assert bool((true < 4 * eps).all())                               # as good as the dtype allows
     assert bool(((sol.residual.double() - true).abs() <= 2 * eps).all())   # and it says so
+
+
+# --- default tolerances follow the dtype (issue 17, item 6) ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_training_loop_with_default_tolerances_prints_no_warning(dtype):
+    """20 SGD steps of fixed_point on a contractive tanh map with every default: nothing is wrong, nothing warns
+    (before: bfloat16's forward chased tol 1e-5 until Anderson overflowed; half-precision adjoints warned)."""
+    from helpers import contractive_tanh
+
+    m = contractive_tanh(64, 0.9, seed=0).to(dtype=dtype)
+    params = {k: v.clone().requires_grad_() for k, v in m.params.items()}
+    opt = torch.optim.SGD(list(params.values()), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(20):
+            x = torch.randn(16, 64, generator=gen).to(dtype)
+            z = fpgrad.fixed_point(m.step, params, x, torch.zeros_like(x))
+            loss = (z.float() - 0.1).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert [str(w.message) for w in caught] == []
+    assert all(bool(torch.isfinite(p).all()) for p in params.values())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-6), (torch.float32, 1e-5), (torch.bfloat16, 1e-2),
+                                        (torch.float16, 1e-2)], ids=str)
+def test_solve_default_tolerance_follows_the_dtype(dtype, tol):
+    m, x = _problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = fpgrad.solve(m.to(dtype=dtype), x.to(dtype))
+    assert fpgrad.forward.default_tolerance(dtype) == tol
+    assert bool(sol.converged.all()) and float(sol.relative_residual.max()) <= tol
+    assert fpgrad.forward.get_forward("anderson").tol is None         # resolved per call, from the state's dtype
