@@ -7,8 +7,20 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, DeviceError, DTypeError, NonFiniteError, ShapeError
+from .errors import ConfigError, DeviceError, DTypeError, NonFiniteError, NotAMapError, ShapeError
 from .results import warn
+
+
+def check_map(m: object, where: str) -> None:
+    """Raise NotAMapError unless m looks like an fpgrad.maps.Map (it has step, params and init_state)."""
+    if all(hasattr(m, name) for name in ("step", "params", "init_state")):
+        return
+    if isinstance(m, tuple):
+        kinds = ", ".join(type(v).__name__ for v in m)
+        raise NotAMapError(f"{where}: pass the map, not a tuple ({kinds}); e.g. for `m, x = make()` call "
+                           f"{where}(m, x, ...); a module becomes a map with fpgrad.maps.from_module(module)")
+    raise NotAMapError(f"{where}: expected an fpgrad.maps.Map, got {type(m).__name__}; build one with "
+                       "fpgrad.maps.from_module(module) or fpgrad.maps.linear / tanh_rnn / slot_attention")
 
 
 def check_tolerance(where: str, tol: float | None, atol: float | None = 0.0) -> None:

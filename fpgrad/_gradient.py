@@ -8,7 +8,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_inputs
+from ._checks import check_inputs, check_map
 from .autograd import _default_forward, fixed_point, warn_ignored_forward
 from .errors import ShapeError
 from .estimators import CostRecord, Estimator, Gradient, Implicit, get_estimator
@@ -59,6 +59,7 @@ def gradient(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
     throw: raise ConvergenceError (DivergenceError, SingularSystemError) when the forward solve, the adjoint
     solve or the series did not succeed, instead of the warning (the result carries `.status` either way).
     """
+    check_map(m, "fpgrad.gradient")
     est = Implicit() if estimator is None else get_estimator(estimator)
     if est.is_reference:                 # a reference (FiniteDifference) computes the whole gradient itself
         return est.compute(m, x, loss_fn, z0, generator)

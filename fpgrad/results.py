@@ -280,6 +280,14 @@ class CostRecord:
         for kept in (self.forward, self.solves, self.series, self.messages):
             kept.clear()
 
+    def __repr__(self) -> str:
+        """Counts and the lengths of the kept lists (never their tensors)."""
+        kept = ", ".join(f"{name}=[{len(getattr(self, name))} kept]" for name in ("forward", "solves", "series",
+                                                                                   "messages"))
+        return (f"CostRecord(vjps={self.vjps}, jvps={self.jvps}, forward_steps={self.forward_steps}, "
+                f"backward_steps={self.backward_steps}, bytes_saved={self.bytes_saved}, seconds={self.seconds:.3g}, "
+                f"low_precision_vjps={self.low_precision_vjps}, {kept})")
+
     def snapshot(self) -> Cost:
         return Cost(self.vjps, self.jvps, self.forward_steps, self.backward_steps, self.bytes_saved, self.seconds)
 

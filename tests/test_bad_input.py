@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fpgrad
-from fpgrad.errors import ConfigError, ConvergenceWarning, DeviceError, DTypeError, ShapeError
+from fpgrad.errors import ConfigError, ConvergenceWarning, DeviceError, DTypeError, NotAMapError, ShapeError
 from fpgrad.estimators import Neumann, Unrolled
 
 
@@ -215,3 +215,44 @@ def test_empty_batch_through_fixed_point_backward():
     assert z.shape == (0, 3)
     z.sum().backward()
     assert A.grad is not None and not bool(A.grad.any())
+
+
+# --- messages (issue 17, item 15) --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, advised, not_advised", [("anderson", "method='broyden'", "'anderson'"),
+                                                           ("broyden", "method='anderson'", "'broyden'"),
+                                                           ("iterate", "method='anderson' / 'broyden'", None)])
+def test_forward_at_its_cap_never_advises_the_method_that_failed(method, advised, not_advised):
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    J = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0]
+    m = fpgrad.maps.linear(0.99 * J, torch.eye(8, dtype=torch.float64))     # slow for every method at 3 steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sol = fpgrad.solve(m, x, method=method, max_iter=3)
+    assert not bool(sol.converged.all())
+    cause = sol.message.split(";", 1)[1]
+    assert advised in cause
+    if not_advised is not None:
+        assert not_advised not in cause
+
+
+def test_a_map_and_input_tuple_passed_as_the_map_is_named():
+    m = fpgrad.maps.linear(0.5 * torch.eye(3), torch.eye(3))
+    x = torch.ones(2, 3)
+    with pytest.raises(NotAMapError, match=r"pass the map, not a tuple \(Map, Tensor\)"):
+        fpgrad.solve((m, x), x)
+    with pytest.raises(NotAMapError, match="pass the map, not a tuple"):
+        fpgrad.gradient((m, x), x, lambda z: z.sum())
+    with pytest.raises(NotAMapError, match="expected an fpgrad.maps.Map, got Linear.*from_module"):
+        fpgrad.solve(nn.Linear(3, 3), x)
+
+
+def test_cost_record_repr_is_short_and_names_counts():
+    m = fpgrad.maps.tanh_rnn(n=64, spectral_radius=0.5, seed=0)
+    record = fpgrad.estimators.CostRecord()
+    x = torch.randn(32, 64, dtype=m.dtype)
+    z = fpgrad.fixed_point(m.step, m.params, x, torch.zeros_like(x), record=record)
+    assert z.shape == x.shape
+    text = repr(record)
+    assert len(text) < 400 and "tensor(" not in text
+    assert "forward=[1 kept]" in text and f"forward_steps={record.forward_steps}" in text

@@ -8,6 +8,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .._checks import check_map
 from ..maps import Map
 from ._anderson import Anderson
 from ._broyden import Broyden, LowRankInverse
@@ -48,6 +49,7 @@ def solve(m: Map, x: Tensor, z0: Tensor | None = None, method: Union[str, Forwar
     Returns FixedPoint(z, steps, residuals, converged, ...). A sample that does not converge is
     reported in `converged` and warned about (ConvergenceWarning); throw=True raises ConvergenceError.
     """
+    check_map(m, "fpgrad.solve")
     if isinstance(method, ForwardSolver):
         solver = method
     else:

@@ -202,6 +202,11 @@ class ForwardSolver:
                     f"{samples[:10]}; the map overflowed: check its inputs and parameters, add damping, "
                     f"or use method='iterate'")
 
+    def _other_methods(self) -> str:
+        """The accelerated methods this solver is not (never advise the method that just failed)."""
+        others = [name for name in ("anderson", "broyden") if name != self.name]
+        return "method=" + " / ".join(f"'{name}'" for name in others)
+
     def _message(self, residuals: Tensor, converged: Tensor, steps: Tensor, relative: Tensor) -> str:
         B = converged.numel()
         if B == 0:
@@ -222,11 +227,11 @@ class ForwardSolver:
         elif not math.isfinite(rate) or rate >= 0.9999:
             cause = (f"the residual is not decreasing (ratio {rate:.4f} per step over the last steps): the map "
                      "is likely not contractive here (spectral radius of J >= 1); check "
-                     "fpgrad.spectral.spectral_radius, add damping, or try method='anderson' / 'broyden'")
+                     f"fpgrad.spectral.spectral_radius, add damping, or try {self._other_methods()}")
         else:
             rel = float(relative[bad].max())
             more = math.log(max(self.tol, 1e-300) / max(rel, 1e-300)) / math.log(rate) if rate > 0 else 0
             cause = (f"it is converging slowly (rate {rate:.4f} per step; roughly {more:.0f} more steps needed): "
-                     "raise max_iter or use method='anderson' / 'broyden'")
+                     f"raise max_iter or use {self._other_methods()}")
         return (f"{self.name}: {bad.numel()} of {B} sample(s) did not converge in {self.max_iter} steps "
                 f"(worst residual {worst:.2e}, tol {self.tol:g}, atol {self.atol:g}); {cause}")
