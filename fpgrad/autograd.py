@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Callable, Mapping, Union
 
 import torch
@@ -101,7 +102,10 @@ def fixed_point(step: Callable, params: Mapping[str, Tensor], x: Tensor, z0: Ten
     if not batched:
         return fixed_point(step, params, x.unsqueeze(0), z0.unsqueeze(0), forward=solver, backward=estimator,
                            record=record, batched=True, check=False)[0]
-    return estimator.apply(step, params, x, z0, solver, record)
+    start = time.perf_counter()
+    z = estimator.apply(step, params, x, z0, solver, record)
+    record.seconds += time.perf_counter() - start             # wall time of the forward (the backward adds its own)
+    return z
 
 
 # fixed_point with torch.compile's tracing disabled (dynamo sees one skipped call and runs it eagerly)

@@ -257,6 +257,8 @@ class CostRecord:
     vjps / jvps: vector-Jacobian / Jacobian-vector products with the step (a batched call counts one).
     forward_steps: step evaluations without the tape; backward_steps: step evaluations on the tape.
     bytes_saved: bytes held for backward (measured by fpgrad.gradient with saved-tensor hooks).
+    seconds: wall time of the work recorded (fixed_point's forward plus its adjoint backward; fpgrad.gradient's
+    whole call).
     A caller owns this object and passes it in (`fixed_point(..., record=CostRecord())`).
     """
 

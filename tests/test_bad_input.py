@@ -256,3 +256,18 @@ def test_cost_record_repr_is_short_and_names_counts():
     text = repr(record)
     assert len(text) < 400 and "tensor(" not in text
     assert "forward=[1 kept]" in text and f"forward_steps={record.forward_steps}" in text
+
+
+def test_cost_record_seconds_is_the_wall_time_of_fixed_point_and_its_backward():
+    import time
+
+    m = fpgrad.maps.tanh_rnn(n=64, spectral_radius=0.5, seed=0)
+    record = fpgrad.estimators.CostRecord()
+    W = m.params["W"].clone().requires_grad_()
+    x = torch.randn(32, 64, dtype=m.dtype)
+    start = time.perf_counter()
+    z = fpgrad.fixed_point(m.step, {**m.params, "W": W}, x, torch.zeros_like(x), record=record)
+    after_forward = record.seconds
+    z.pow(2).sum().backward()
+    wall = time.perf_counter() - start
+    assert 0 < after_forward < record.seconds <= wall
