@@ -36,12 +36,13 @@ def _default_forward(dtype: torch.dtype) -> ForwardSolver:
 _PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
 
 
-def warn_ignored_forward(estimator: Estimator, forward, where: str) -> None:
+def warn_ignored_forward(estimator: Estimator, forward, where: str, depth: int = 2) -> None:
     """Warn when a caller outside fpgrad passes forward= to an estimator that runs its own iterations (Unrolled,
     Truncated(k, T)): the forward solver is ignored. (fpgrad's own callers pass one forward to every estimator.)"""
     if forward is None or estimator.uses_forward:
         return
-    if sys._getframe(2).f_code.co_filename.startswith(_PACKAGE):
+    frame = sys._getframe(depth)                  # the frame that called the public entry point
+    if frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         return
     warn(f"{where}: forward={getattr(forward, 'name', forward)!r} is ignored by {estimator.describe()}, which runs "
          "its own plain iterations from z0 (no forward solve); drop forward=, or use an estimator that differentiates "

@@ -271,3 +271,17 @@ def test_cost_record_seconds_is_the_wall_time_of_fixed_point_and_its_backward():
     z.pow(2).sum().backward()
     wall = time.perf_counter() - start
     assert 0 < after_forward < record.seconds <= wall
+
+
+# --- raw torch errors (issue 17, item 14) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_gradient_works_under_no_grad_and_inference_mode(mode):
+    m = fpgrad.maps.linear(0.5 * torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    with mode():
+        x = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)       # (an inference tensor under inference_mode)
+        g = fpgrad.gradient(m, x, lambda z: z.sum())
+        assert not torch.is_grad_enabled()                 # the caller's mode is restored
+    # z* = (I - A)^-1 B x = 2x; d sum(z*) / dx = (I - A)^-T B^T 1 = 2; d / dB = (I - A)^-T 1 x^T = 2 x^T
+    torch.testing.assert_close(g.x, torch.full((1, 3), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(g.params["B"], 2.0 * torch.ones(3, 1, dtype=torch.float64) * x)
