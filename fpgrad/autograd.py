@@ -39,7 +39,7 @@ _PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
 def warn_ignored_forward(estimator: Estimator, forward, where: str, depth: int = 2) -> None:
     """Warn when a caller outside fpgrad passes forward= to an estimator that runs its own iterations (Unrolled,
     Truncated(k, T)): the forward solver is ignored. (fpgrad's own callers pass one forward to every estimator.)"""
-    if forward is None or estimator.uses_forward:
+    if forward is None or estimator.uses_forward or torch.compiler.is_compiling():
         return
     frame = sys._getframe(depth)                  # the frame that called the public entry point
     if frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
@@ -103,6 +103,8 @@ def fixed_point(step: Callable, params: Mapping[str, Tensor], x: Tensor, z0: Ten
     if not batched:
         return fixed_point(step, params, x.unsqueeze(0), z0.unsqueeze(0), forward=solver, backward=estimator,
                            record=record, batched=True, check=False)[0]
+    if torch.compiler.is_compiling():               # (no host clock inside a compiled graph)
+        return estimator.apply(step, params, x, z0, solver, record)
     start = time.perf_counter()
     z = estimator.apply(step, params, x, z0, solver, record)
     record.seconds += time.perf_counter() - start             # wall time of the forward (the backward adds its own)
