@@ -7,7 +7,37 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .errors import DeviceError, DTypeError, NonFiniteError, ShapeError
+from .errors import ConfigError, DeviceError, DTypeError, NonFiniteError, NotAMapError, ShapeError
+from .results import warn
+
+
+def check_map(m: object, where: str) -> None:
+    """Raise NotAMapError unless m looks like an fpgrad.maps.Map (it has step, params and init_state)."""
+    if all(hasattr(m, name) for name in ("step", "params", "init_state")):
+        return
+    if isinstance(m, tuple):
+        kinds = ", ".join(type(v).__name__ for v in m)
+        raise NotAMapError(f"{where}: pass the map, not a tuple ({kinds}); e.g. for `m, x = make()` call "
+                           f"{where}(m, x, ...); a module becomes a map with fpgrad.maps.from_module(module)")
+    raise NotAMapError(f"{where}: expected an fpgrad.maps.Map, got {type(m).__name__}; build one with "
+                       "fpgrad.maps.from_module(module) or fpgrad.maps.linear / tanh_rnn / slot_attention")
+
+
+def check_tolerance(where: str, tol: float | None, atol: float | None = 0.0) -> None:
+    """Raise ConfigError for a negative or NaN tolerance; warn on a relative tol >= 1 (the stopping test then
+    holds at the start: a solve returns its initial guess, flagged converged). None means "the default"."""
+    for name, value in (("tol", tol), ("atol", atol)):
+        try:
+            ok = value is None or float(value) >= 0          # False for NaN
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{where}: {name} must be a number >= 0, got {name}={value!r} (a negative or NaN "
+                              f"tolerance can never be met); use e.g. tol=1e-6, atol=0")
+    if tol is not None and tol >= 1:
+        warn(f"{where}: relative tol={tol:g} >= 1 is met before the first iteration: the solve returns its "
+             "initial guess (z0, or a zero adjoint and so a zero gradient) flagged converged; use tol < 1 "
+             "(e.g. 1e-6)", UserWarning)
 
 
 def sum_is_finite(t: Tensor, dim: int | None = None) -> Tensor:

@@ -8,8 +8,8 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_inputs
-from .autograd import _default_forward, fixed_point
+from ._checks import check_inputs, check_map
+from .autograd import _default_forward, fixed_point, warn_ignored_forward
 from .errors import ShapeError
 from .estimators import CostRecord, Estimator, Gradient, Implicit, get_estimator
 from .forward import ForwardSolver, get_forward, is_batched
@@ -58,13 +58,31 @@ def gradient(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor],
     (`estimator.is_reference`, FiniteDifference) computes the whole Gradient itself (`estimator.compute`).
     throw: raise ConvergenceError (DivergenceError, SingularSystemError) when the forward solve, the adjoint
     solve or the series did not succeed, instead of the warning (the result carries `.status` either way).
+    Works under torch.no_grad() and torch.inference_mode() too: it enables gradients inside (a Gradient holds
+    detached tensors, so nothing leaks out of the caller's mode).
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _gradient(m, x, loss_fn, estimator, z0, forward, generator=generator, throw=throw)
+
+
+def _leaf(t: Tensor) -> Tensor:
+    """A detached leaf of t that may require grad (a copy when t is an inference tensor)."""
+    t = t.detach()
+    if t.is_inference():
+        t = t.clone()
+    return t.requires_grad_(t.is_floating_point())
+
+
+def _gradient(m: Map, x: Tensor, loss_fn: Callable[[Tensor], Tensor], estimator, z0, forward, *, generator,
+              throw: bool) -> Gradient:
+    check_map(m, "fpgrad.gradient")
     est = Implicit() if estimator is None else get_estimator(estimator)
     if est.is_reference:                 # a reference (FiniteDifference) computes the whole gradient itself
         return est.compute(m, x, loss_fn, z0, generator)
+    warn_ignored_forward(est, forward, "fpgrad.gradient", depth=3)       # (called from _gradient, from gradient)
     solver = _default_forward(m.dtype) if forward is None else get_forward(forward)
-    params = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in m.params.items()}
-    x_leaf = x.detach().requires_grad_(x.is_floating_point())
+    params = {k: _leaf(v) for k, v in m.params.items()}
+    x_leaf = _leaf(x)
     record = CostRecord()
     t0 = time.perf_counter()
     with SavedBytes() as saved:

@@ -9,6 +9,9 @@ one way: autograd -> estimators -> forward.
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from typing import Callable, Mapping, Union
 
 import torch
@@ -17,14 +20,33 @@ from torch import Tensor
 from ._checks import check_inputs
 from .estimators import Estimator, Implicit, get_estimator
 from .estimators._base import CostRecord
-from .forward import ForwardSolver, get_forward, solve_detached
+from .forward import ForwardSolver, default_tolerance, get_forward, solve_detached
+from .results import warn
 
 __all__ = ["fixed_point", "solve_detached"]
 
 
 def _default_forward(dtype: torch.dtype) -> ForwardSolver:
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    """fixed_point's forward when none is given: Anderson to 1e-10 in float64, else to default_tolerance(dtype)
+    (1e-5 in float32, 1e-2 in bfloat16 / float16), at most 500 steps."""
+    tol = 1e-10 if dtype == torch.float64 else default_tolerance(dtype)
     return get_forward("anderson", tol=tol, max_iter=500)
+
+
+_PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+
+
+def warn_ignored_forward(estimator: Estimator, forward, where: str, depth: int = 2) -> None:
+    """Warn when a caller outside fpgrad passes forward= to an estimator that runs its own iterations (Unrolled,
+    Truncated(k, T)): the forward solver is ignored. (fpgrad's own callers pass one forward to every estimator.)"""
+    if forward is None or estimator.uses_forward or torch.compiler.is_compiling():
+        return
+    frame = sys._getframe(depth)                  # the frame that called the public entry point
+    if frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        return
+    warn(f"{where}: forward={getattr(forward, 'name', forward)!r} is ignored by {estimator.describe()}, which runs "
+         "its own plain iterations from z0 (no forward solve); drop forward=, or use an estimator that differentiates "
+         "the forward's fixed point (Implicit(), OneStep(), Neumann(k), Truncated(k) without T)", UserWarning)
 
 
 def _infer_batched(x: Tensor, z0: Tensor) -> bool:
@@ -63,6 +85,7 @@ def fixed_point(step: Callable, params: Mapping[str, Tensor], x: Tensor, z0: Ten
     if not isinstance(x, Tensor):
         raise TypeError(f"fixed_point: x must be a Tensor, got {type(x).__name__}")
     estimator = Implicit() if backward is None else get_estimator(backward)
+    warn_ignored_forward(estimator, forward, "fixed_point")
     if torch.compiler.is_compiling() and estimator.runs_solver_loop:
         # under torch.compile: the solver loop stops on data (per-sample residuals), so it runs eagerly,
         # outside the graph: one graph break here instead of one per iteration
@@ -80,7 +103,12 @@ def fixed_point(step: Callable, params: Mapping[str, Tensor], x: Tensor, z0: Ten
     if not batched:
         return fixed_point(step, params, x.unsqueeze(0), z0.unsqueeze(0), forward=solver, backward=estimator,
                            record=record, batched=True, check=False)[0]
-    return estimator.apply(step, params, x, z0, solver, record)
+    if torch.compiler.is_compiling():               # (no host clock inside a compiled graph)
+        return estimator.apply(step, params, x, z0, solver, record)
+    start = time.perf_counter()
+    z = estimator.apply(step, params, x, z0, solver, record)
+    record.seconds += time.perf_counter() - start             # wall time of the forward (the backward adds its own)
+    return z
 
 
 # fixed_point with torch.compile's tracing disabled (dynamo sees one skipped call and runs it eagerly)

@@ -39,6 +39,14 @@ class NonSymmetricError(FPGradError, ValueError):
     """Conjugate gradient was given an operator that is not symmetric."""
 
 
+class NotAMapError(FPGradError, TypeError):
+    """Something other than an fpgrad.maps.Map was passed where a map is expected (e.g. a (Map, x) tuple)."""
+
+
+class ConfigError(FPGradError, ValueError):
+    """An argument of a solver, estimator or call is out of range (a negative or NaN tolerance, Unrolled(T=0))."""
+
+
 class ConvergenceWarning(UserWarning):
     """A solve did not reach its tolerance; the result carries converged=False."""
 
@@ -53,5 +61,7 @@ __all__ = [
     "DivergenceError",
     "SingularSystemError",
     "NonSymmetricError",
+    "ConfigError",
+    "NotAMapError",
     "ConvergenceWarning",
 ]

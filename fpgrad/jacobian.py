@@ -30,8 +30,9 @@ JVP_MODES = ("auto", "double_vjp", "linearize", "forward")
 def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
     """||f(z) - z|| / ||f(z)|| per sample: z, fz [B, ...] -> [B] (as the forward solvers' stopping rule)."""
     B = z.shape[0]
-    diff = (fz - z).reshape(B, -1).norm(dim=1)
-    return diff / fz.reshape(B, -1).norm(dim=1).clamp_min(torch.finfo(fz.dtype).tiny)
+    n = math.prod(z.shape[1:])
+    diff = (fz - z).reshape(B, n).norm(dim=1)
+    return diff / fz.reshape(B, n).norm(dim=1).clamp_min(torch.finfo(fz.dtype).tiny)
 
 
 class Jacobian:
@@ -106,7 +107,7 @@ class Jacobian:
     @property
     def residual(self) -> Tensor:
         """||f(z) - z|| per sample: [B] (0-dim for an unbatched state)."""
-        return self._out((self._fz - self._z.detach()).reshape(self.batch, -1).norm(dim=1))
+        return self._out((self._fz - self._z.detach()).reshape(self.batch, self.n).norm(dim=1))
 
     @property
     def relative_residual(self) -> Tensor:

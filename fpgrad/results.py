@@ -257,6 +257,8 @@ class CostRecord:
     vjps / jvps: vector-Jacobian / Jacobian-vector products with the step (a batched call counts one).
     forward_steps: step evaluations without the tape; backward_steps: step evaluations on the tape.
     bytes_saved: bytes held for backward (measured by fpgrad.gradient with saved-tensor hooks).
+    seconds: wall time of the work recorded (fixed_point's forward plus its adjoint backward; fpgrad.gradient's
+    whole call).
     A caller owns this object and passes it in (`fixed_point(..., record=CostRecord())`).
     """
 
@@ -279,6 +281,14 @@ class CostRecord:
         self.seconds = 0.0
         for kept in (self.forward, self.solves, self.series, self.messages):
             kept.clear()
+
+    def __repr__(self) -> str:
+        """Counts and the lengths of the kept lists (never their tensors)."""
+        kept = ", ".join(f"{name}=[{len(getattr(self, name))} kept]" for name in ("forward", "solves", "series",
+                                                                                   "messages"))
+        return (f"CostRecord(vjps={self.vjps}, jvps={self.jvps}, forward_steps={self.forward_steps}, "
+                f"backward_steps={self.backward_steps}, bytes_saved={self.bytes_saved}, seconds={self.seconds:.3g}, "
+                f"low_precision_vjps={self.low_precision_vjps}, {kept})")
 
     def snapshot(self) -> Cost:
         return Cost(self.vjps, self.jvps, self.forward_steps, self.backward_steps, self.bytes_saved, self.seconds)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import fpgrad
-from fpgrad.errors import ConvergenceWarning, DeviceError, DTypeError, ShapeError
-from fpgrad.estimators import Neumann
+from fpgrad.errors import ConfigError, ConvergenceWarning, DeviceError, DTypeError, NotAMapError, ShapeError
+from fpgrad.estimators import Neumann, Unrolled
 
 
 def test_huge_finite_inputs_are_not_reported_converged():
@@ -105,3 +105,183 @@ def test_call_step_checks_the_output_shape():
     from fpgrad._checks import call_step
     with pytest.raises(ShapeError, match=r"changed the state's shape from \(2, 3\) to \(2, 4\)"):
         call_step(lambda p, z, x: torch.zeros(2, 4), {}, torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+# --- tolerances (issue 17, item 10) ----------------------------------------------------------------------------
+
+def _tolerance_holders(tol):
+    return {"solve": lambda: fpgrad.forward.get_forward("iterate", tol=tol),
+            "anderson": lambda: fpgrad.forward.get_forward("anderson", tol=tol),
+            "gmres": lambda: fpgrad.linsolve.GMRES(tol=tol),
+            "dense": lambda: fpgrad.linsolve.Dense(tol=tol),
+            "mixed": lambda: fpgrad.linsolve.MixedPrecision(fpgrad.linsolve.GMRES(), tol=tol),
+            "implicit": lambda: fpgrad.estimators.Implicit(tol=tol)}
+
+
+@pytest.mark.parametrize("holder", list(_tolerance_holders(0.0)))
+@pytest.mark.parametrize("tol", [-1.0, float("nan")], ids=["negative", "nan"])
+def test_negative_or_nan_tolerance_is_a_named_config_error(holder, tol):
+    with pytest.raises(ConfigError, match="tol must be a number >= 0"):
+        _tolerance_holders(tol)[holder]()
+
+
+def test_negative_tolerance_of_fpgrad_solve_raises_before_solving():
+    m = fpgrad.maps.linear(0.5 * torch.eye(3), torch.eye(3))
+    with pytest.raises(ConfigError, match="tol must be a number >= 0, got tol=-1"):
+        fpgrad.solve(m, torch.ones(2, 3), tol=-1)
+    with pytest.raises(ConfigError, match="atol must be a number >= 0, got atol=nan"):
+        fpgrad.solve(m, torch.ones(2, 3), atol=float("nan"))
+
+
+def test_relative_tolerance_of_one_or_more_warns_that_it_returns_the_initial_guess():
+    m = fpgrad.maps.linear(0.5 * torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    x = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="tol=1e\\+10 >= 1 is met before the first iteration"):
+        sol = fpgrad.solve(m, x, tol=1e10)
+    assert bool(sol.converged.all()) and float(sol.z.abs().max()) == 0.0     # z0, flagged converged: warned
+    with pytest.warns(UserWarning, match="Implicit: relative tol=2 >= 1"):
+        est = fpgrad.estimators.Implicit(tol=2.0)
+    with pytest.warns(UserWarning, match="zero gradient"):
+        g = fpgrad.gradient(m, x, lambda z: z.sum(), estimator=est)
+    assert float(g.flat().abs().max()) == 0.0
+
+
+# --- estimator configs (issue 17, item 13) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, match", [(lambda: Unrolled(0), "T .* must be an int >= 1, got T=0"),
+                                         (lambda: Unrolled(-3), "got T=-3"),
+                                         (lambda: Neumann(-1), "k must be an int >= 0"),
+                                         (lambda: fpgrad.estimators.get_estimator("unrolled-0"), "got T=0")],
+                         ids=["unrolled-0", "unrolled-negative", "neumann-negative", "unrolled-0-string"])
+def test_estimator_of_no_iterations_is_rejected_at_construction(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make()
+
+
+def test_unrolled_accepts_its_T_in_the_name_as_neumann_does():
+    assert fpgrad.estimators.get_estimator("unrolled-300") == Unrolled(300)
+    assert fpgrad.estimators.get_estimator("Unrolled_7") == Unrolled(7)
+
+
+@pytest.mark.parametrize("call", ["fixed_point", "gradient"])
+def test_forward_ignored_by_unrolled_is_said(call):
+    m = fpgrad.maps.linear(0.5 * torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    x = torch.ones(2, 3, dtype=torch.float64)
+    z0 = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="forward='broyden' is ignored by Unrolled\\(30\\)"):
+        if call == "gradient":
+            fpgrad.gradient(m, x, lambda z: z.sum(), estimator="unrolled-30", z0=z0, forward="broyden")
+        else:
+            fpgrad.fixed_point(m.step, m.params, x, z0, forward="broyden", backward=Unrolled(30))
+
+
+def test_forward_used_by_the_estimator_is_not_warned_about():
+    m = fpgrad.maps.linear(0.5 * torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    x = torch.ones(2, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fpgrad.fixed_point(m.step, m.params, x, torch.zeros(2, 3, dtype=torch.float64), forward="broyden",
+                           backward="one_step")
+        fpgrad.gradient(m, x, lambda z: z.sum(), estimator=Unrolled(5))      # no forward= given: nothing to say
+
+
+# --- an empty batch (issue 17, item 12) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["iterate", "anderson", "broyden"])
+def test_empty_batch_solve_returns_empty_results(method):
+    m = fpgrad.maps.slot_attention(dim=8, num_slots=3, seed=0)
+    sol = fpgrad.solve(m, torch.randn(0, 5, 8, dtype=m.dtype), method=method)
+    assert sol.z.shape == (0, 3, 8) and sol.converged.shape == (0,) and sol.steps.shape == (0,)
+    assert "empty batch" in sol.message
+
+
+@pytest.mark.parametrize("estimator", ["implicit", "implicit-dense", "implicit-bicgstab", "implicit-cg_normal",
+                                       "implicit-neumann", "implicit-gcrodr", "neumann-3", "phantom-3", "one_step",
+                                       "truncated-2", "unrolled-3"])
+def test_empty_batch_gradient_is_zero_and_empty(estimator):
+    m = fpgrad.maps.tanh_rnn(n=4, spectral_radius=0.5, seed=0)
+    x = torch.randn(0, 4, dtype=m.dtype)
+    g = fpgrad.gradient(m, x, lambda z: z.sum(), estimator=estimator)
+    assert g.z.shape == (0, 4) and g.x.shape == (0, 4) and g.ok
+    for k, v in g.params.items():                 # a sum over no samples: exactly zero, the right shape
+        assert v.shape == m.params[k].shape and not bool(v.any())
+
+
+def test_empty_batch_through_fixed_point_backward():
+    A = torch.nn.Parameter(0.5 * torch.eye(3, dtype=torch.float64))
+    m = fpgrad.maps.linear(A.detach(), torch.eye(3, dtype=torch.float64))
+    x = torch.ones(0, 3, dtype=torch.float64)
+    z = fpgrad.fixed_point(m.step, {"A": A, "B": m.params["B"]}, x, torch.zeros(0, 3, dtype=torch.float64))
+    assert z.shape == (0, 3)
+    z.sum().backward()
+    assert A.grad is not None and not bool(A.grad.any())
+
+
+# --- messages (issue 17, item 15) --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, advised, not_advised", [("anderson", "method='broyden'", "'anderson'"),
+                                                           ("broyden", "method='anderson'", "'broyden'"),
+                                                           ("iterate", "method='anderson' / 'broyden'", None)])
+def test_forward_at_its_cap_never_advises_the_method_that_failed(method, advised, not_advised):
+    x = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    J = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0]
+    m = fpgrad.maps.linear(0.99 * J, torch.eye(8, dtype=torch.float64))     # slow for every method at 3 steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sol = fpgrad.solve(m, x, method=method, max_iter=3)
+    assert not bool(sol.converged.all())
+    cause = sol.message.split(";", 1)[1]
+    assert advised in cause
+    if not_advised is not None:
+        assert not_advised not in cause
+
+
+def test_a_map_and_input_tuple_passed_as_the_map_is_named():
+    m = fpgrad.maps.linear(0.5 * torch.eye(3), torch.eye(3))
+    x = torch.ones(2, 3)
+    with pytest.raises(NotAMapError, match=r"pass the map, not a tuple \(Map, Tensor\)"):
+        fpgrad.solve((m, x), x)
+    with pytest.raises(NotAMapError, match="pass the map, not a tuple"):
+        fpgrad.gradient((m, x), x, lambda z: z.sum())
+    with pytest.raises(NotAMapError, match="expected an fpgrad.maps.Map, got Linear.*from_module"):
+        fpgrad.solve(nn.Linear(3, 3), x)
+
+
+def test_cost_record_repr_is_short_and_names_counts():
+    m = fpgrad.maps.tanh_rnn(n=64, spectral_radius=0.5, seed=0)
+    record = fpgrad.estimators.CostRecord()
+    x = torch.randn(32, 64, dtype=m.dtype)
+    z = fpgrad.fixed_point(m.step, m.params, x, torch.zeros_like(x), record=record)
+    assert z.shape == x.shape
+    text = repr(record)
+    assert len(text) < 400 and "tensor(" not in text
+    assert "forward=[1 kept]" in text and f"forward_steps={record.forward_steps}" in text
+
+
+def test_cost_record_seconds_is_the_wall_time_of_fixed_point_and_its_backward():
+    import time
+
+    m = fpgrad.maps.tanh_rnn(n=64, spectral_radius=0.5, seed=0)
+    record = fpgrad.estimators.CostRecord()
+    W = m.params["W"].clone().requires_grad_()
+    x = torch.randn(32, 64, dtype=m.dtype)
+    start = time.perf_counter()
+    z = fpgrad.fixed_point(m.step, {**m.params, "W": W}, x, torch.zeros_like(x), record=record)
+    after_forward = record.seconds
+    z.pow(2).sum().backward()
+    wall = time.perf_counter() - start
+    assert 0 < after_forward < record.seconds <= wall
+
+
+# --- raw torch errors (issue 17, item 14) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_gradient_works_under_no_grad_and_inference_mode(mode):
+    m = fpgrad.maps.linear(0.5 * torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    with mode():
+        x = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)       # (an inference tensor under inference_mode)
+        g = fpgrad.gradient(m, x, lambda z: z.sum())
+        assert not torch.is_grad_enabled()                 # the caller's mode is restored
+    # z* = (I - A)^-1 B x = 2x; d sum(z*) / dx = (I - A)^-T B^T 1 = 2; d / dB = (I - A)^-T 1 x^T = 2 x^T
+    torch.testing.assert_close(g.x, torch.full((1, 3), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(g.params["B"], 2.0 * torch.ones(3, 1, dtype=torch.float64) * x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import os
@@ -464,3 +465,17 @@ def test_html_report_renders_in_headless_chromium_with_its_figures(written, tmp_
     assert dom.returncode == 0
     assert dom.stdout.count('<img src="data:image/png;base64,') == len(FIGURE_NAMES)
     assert "Verdict" in dom.stdout
+
+
+def test_a_float32_trace_flat_at_its_round_off_floor_is_named_in_the_verdict():
+    """A float32 trace that fell as rho^t and then flattened at ~1e-6 of its start: the measured rate is slower than
+    rho because of round-off, not a transient (issue 17, item 6)."""
+    summary = synthetic_summary(batch=1)
+    trace = [max(0.5 ** t, 2e-6 * (1 + 0.1 * (t % 3))) for t in range(60)]
+    forward = {**summary.forward, "steps": [60], "converged": [False]}
+    summary = dataclasses.replace(summary, dtype="torch.float32", residuals=[trace], contraction_rate=[0.9],
+                                  spectral_radius=[0.5], forward=forward)
+    text = markdown_of(summary)
+    assert "the round-off floor of float32" in text and "may still be in a transient" not in text
+    healthy = dataclasses.replace(summary, dtype="torch.float64")      # 2e-6 is far above float64's floor
+    assert "round-off floor" not in markdown_of(healthy)

@@ -82,7 +82,8 @@ def test_tolerance_comes_from_implicit_then_the_object_then_the_dtype():
     assert Implicit(solver=GMRES(), tol=1e-7).linear_solver(torch.float64).tol == 1e-7
     assert Implicit(solver=GMRES(tol=1e-12)).linear_solver(torch.float64).tol == 1e-12
     assert Implicit(solver=GMRES()).linear_solver(torch.float64).tol == 1e-8
-    assert Implicit(solver=GMRES()).linear_solver(torch.float32).tol == 1e-5
+    assert Implicit(solver=GMRES()).linear_solver(torch.float32).tol == 1e-4      # what float32 reaches (issue 17)
+    assert Implicit(solver=GMRES()).linear_solver(torch.bfloat16).tol == 5e-2
     assert Implicit(solver=Dense(), max_iter=7).linear_solver().max_iter == Dense().max_iter   # not iterative
 
 

@@ -31,7 +31,7 @@ ESTIMATORS = {
 def get_estimator(spec: Union[str, Estimator], *, iters: int | None = None) -> Estimator:
     """An estimator from an object or a name:
 
-    "unrolled", "truncated-K", "one_step" (or "one-step"), "one_step_st" (straight-through),
+    "unrolled" / "unrolled-T", "truncated-K", "one_step" (or "one-step"), "one_step_st" (straight-through),
     "neumann-K", "phantom-K" / "phantom-K-TAU", "implicit" (GMRES) or "implicit-SOLVER",
     "finite_difference". `iters` gives T for "unrolled" and "truncated-K".
     """
@@ -56,13 +56,16 @@ def get_estimator(spec: Union[str, Estimator], *, iters: int | None = None) -> E
     m = re.fullmatch(r"truncated_(\d+)", s)
     if m:
         return Truncated(int(m.group(1)), T=iters)
+    m = re.fullmatch(r"unrolled_(\d+)", s)
+    if m:
+        return Unrolled(T=int(m.group(1)))
     m = re.fullmatch(r"neumann_(\d+)", s)
     if m:
         return Neumann(int(m.group(1)))
     m = re.fullmatch(r"phantom(?:_(\d+))?(?:_([0-9.]+))?", s)
     if m:
         return Phantom(int(m.group(1) or 5), float(m.group(2) or 0.5))
-    raise ValueError(f"unknown estimator {spec!r}; use one of: unrolled, truncated-K, one_step, one_step_st, "
+    raise ValueError(f"unknown estimator {spec!r}; use one of: unrolled[-T], truncated-K, one_step, one_step_st, "
                      "neumann-K, phantom-K[-TAU], implicit[-gmres|bicgstab|cg_normal|cg|neumann|dense], "
                      "finite_difference")
 

@@ -7,6 +7,9 @@ Two `torch.autograd.Function`s with `setup_context` and vmap rules, so that `Est
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
 from torch import Tensor
 
@@ -55,15 +58,17 @@ class _AdjointPullback(torch.autograd.Function):
 
     @staticmethod
     def forward(step, estimator, keys, record, fixed_point, grad_z, z, x, *param_values):
+        start = time.perf_counter()
         params = dict(zip(keys, param_values))
         lin = Linearisation(step, params, x, z, record, fixed_point)
-        g = grad_z.reshape(z.shape[0], -1)
+        g = grad_z.reshape(z.shape[0], math.prod(z.shape[1:]))
         u = estimator.adjoint_vector(lin, g, record)
         if estimator.reports_residual:
             grad_params, grad_x, JTu = lin.pullback_with_state(u)
             estimator.check_residual(lin, g, u, JTu, record)
         else:
             grad_params, grad_x = lin.pullback(u)
+        record.seconds += time.perf_counter() - start          # the backward's share of the wall time
         return (grad_x, *[grad_params[k] for k in keys])
 
     @staticmethod
@@ -97,7 +102,7 @@ class _AdjointPullback(torch.autograd.Function):
         # the forward's FixedPoint is reusable only if it describes this very (folded) batch
         fp = fixed_point if fixed_point is not None and fixed_point.z.shape == zm.shape else None
         lin = Linearisation(step, params, xm, zm, record, fp)
-        g = grad_z.reshape(V * b, -1)
+        g = grad_z.reshape(V * b, math.prod(z.shape[2:]))
         u = estimator.adjoint_vector(lin, g, record).reshape(z.shape)
         with_state = estimator.reports_residual
 
@@ -114,7 +119,8 @@ class _AdjointPullback(torch.autograd.Function):
         out = tuple(torch.func.vmap(pull)(z, x, u))
         if with_state:
             *out, JTu = out
-            estimator.check_residual(lin, g, u.reshape(V * b, -1), JTu.reshape(V * b, -1), record)
+            n = math.prod(z.shape[2:])
+            estimator.check_residual(lin, g, u.reshape(V * b, n), JTu.reshape(V * b, n), record)
         return tuple(out), (0,) * len(out)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..forward import Iterate, solve_detached
 from ._base import CostRecord, Estimator
 
@@ -35,6 +36,11 @@ class Unrolled(Estimator):
     damping: float = 0.0
 
     name = "unrolled"
+
+    def __post_init__(self):
+        if not (isinstance(self.T, int) and self.T >= 1):
+            raise ConfigError(f"Unrolled: T (the number of taped iterations) must be an int >= 1, got T={self.T!r}; "
+                              "with no iteration there is nothing to differentiate")
 
     def apply(self, step, params, x, z0, forward, record):
         return _taped_steps(step, params, x, z0, self.T, self.damping, record)
@@ -67,7 +73,7 @@ class Truncated(Estimator):
 
     def __post_init__(self):
         if self.k < 1 or (self.T is not None and self.T < self.k):
-            raise ValueError(f"Truncated: need 1 <= k <= T, got k={self.k}, T={self.T}")
+            raise ConfigError(f"Truncated: need 1 <= k <= T, got k={self.k}, T={self.T}")
 
     def apply(self, step, params, x, z0, forward, record):
         if self.T is None:

@@ -8,10 +8,11 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .._checks import check_map
 from ..maps import Map
 from ._anderson import Anderson
 from ._broyden import Broyden, LowRankInverse
-from ._common import FixedPoint, ForwardSolver, contraction_estimate
+from ._common import FixedPoint, ForwardSolver, contraction_estimate, default_tolerance
 from ._detached import solve_detached
 from ._iterate import Iterate
 
@@ -39,13 +40,16 @@ def is_batched(m: Map, z: Tensor) -> bool:
 
 
 def solve(m: Map, x: Tensor, z0: Tensor | None = None, method: Union[str, ForwardSolver] = "anderson",
-          tol: float = 1e-6, max_iter: int = 200, *, atol: float = 0.0, damping: float = 0.0,
+          tol: float | None = None, max_iter: int = 200, *, atol: float = 0.0, damping: float = 0.0,
           throw: bool = False, generator: torch.Generator | None = None, **options) -> FixedPoint:
     """Solve z = m.step(m.params, z, x) from z0 (default: m.init_state(x, generator)).
 
+    tol: relative tolerance; None: one the map's dtype can reach (1e-6 in float64, 1e-5 in float32, 1e-2 in
+    bfloat16 / float16: fpgrad.forward.default_tolerance).
     Returns FixedPoint(z, steps, residuals, converged, ...). A sample that does not converge is
     reported in `converged` and warned about (ConvergenceWarning); throw=True raises ConvergenceError.
     """
+    check_map(m, "fpgrad.solve")
     if isinstance(method, ForwardSolver):
         solver = method
     else:
@@ -63,6 +67,7 @@ __all__ = [
     "FixedPoint",
     "ForwardSolver",
     "FORWARD_SOLVERS",
+    "default_tolerance",
     "Iterate",
     "LowRankInverse",
     "contraction_estimate",

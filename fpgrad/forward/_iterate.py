@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,7 @@ class Iterate(ForwardSolver):
         NaN/Inf is looked for once."""
         B, T, d = z0.shape[0], self.max_iter, self.damping
         f = _BatchedStep(step, params, x, z0.shape[1:])
-        z = z0.reshape(B, -1)
+        z = z0.reshape(B, math.prod(z0.shape[1:]))
         tiny = torch.finfo(z.dtype).tiny
         trace, rel_trace = [], []
         points: list[Tensor] = []             # z_t and f(z_t) of the steps not yet measured

@@ -55,7 +55,7 @@ class BiCGSTAB(LinearSolver):
             rho = dot(r_hat, r)
             bad = active & ~(rho.abs() > eps * r_hat_norm * r.norm(dim=1))
             beta = (rho / safe(rho_old)) * (alpha / safe(omega))
-            p = r + beta.unsqueeze(1) * (p - omega.unsqueeze(1) * v)
+            p = r + beta.to(r.dtype).unsqueeze(1) * (p - omega.to(r.dtype).unsqueeze(1) * v)
             p_hat = run.precondition(p)
             v = run.A(p_hat, active & ~bad)
             sigma = dot(r_hat, v)
@@ -64,8 +64,8 @@ class BiCGSTAB(LinearSolver):
                 broke = broke | bad
             active = active & ~bad
             alpha = torch.where(active, rho / safe(sigma), 0)
-            s = r - alpha.unsqueeze(1) * v
-            u = u + alpha.unsqueeze(1) * p_hat
+            s = r - alpha.to(r.dtype).unsqueeze(1) * v
+            u = u + alpha.to(r.dtype).unsqueeze(1) * p_hat
             half = s.norm(dim=1) / run.scale
             rest = active & ~(half <= run.threshold)                 # samples that need the second half step
             if period > 1 or bool(rest.any()):      # (masked: with none in `rest` it leaves u and r as they are)
@@ -74,8 +74,8 @@ class BiCGSTAB(LinearSolver):
                 tt = dot(t, t)
                 ts = dot(t, s)
                 omega = torch.where(rest & (ts.abs() > eps * t.norm(dim=1) * s.norm(dim=1)), ts / safe(tt), 0)
-                u = u + omega.unsqueeze(1) * s_hat
-                r = s - omega.unsqueeze(1) * t
+                u = u + omega.to(r.dtype).unsqueeze(1) * s_hat
+                r = s - omega.to(r.dtype).unsqueeze(1) * t
             else:
                 omega = torch.zeros_like(omega)
                 r = s

@@ -74,7 +74,7 @@ class CG(LinearSolver):
             indefinite = active & (pq <= 0)
             run.flag(indefinite, INDEFINITE)
             active = active & ~indefinite
-            alpha = torch.where(active, rz / safe(pq), 0).unsqueeze(1)
+            alpha = torch.where(active, rz / safe(pq), 0).to(p.dtype).unsqueeze(1)
             u = u + alpha * p
             r = r - alpha * q
             rel = r.norm(dim=1) / run.scale
@@ -84,7 +84,7 @@ class CG(LinearSolver):
             z = run.precondition(r)
             rz_new = dot(r, z)
             active = active & (rz_new > 0)            # r^T P r <= 0: restart from the true residual
-            p = z + (rz_new / safe(rz)).unsqueeze(1) * p
+            p = z + (rz_new / safe(rz)).to(p.dtype).unsqueeze(1) * p
             rz = rz_new
         run.u = u
         return broke

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from .._checks import check_finite
+from .._checks import check_finite, check_tolerance
 from ..errors import DeviceError, DTypeError, ShapeError, SingularSystemError  # noqa: F401  (re-exported)
 from ..results import LinearSolution, Status, report
 
@@ -32,8 +32,16 @@ STAGNATION = 1e-3         # a restart cycle that lowers the true residual by les
 
 
 def dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample inner product of [B, n] tensors: [B]."""
-    return torch.linalg.vecdot(a, b, dim=1)
+    """Per-sample inner product of [B, n] tensors: [B], accumulated and returned in small_dtype (float32 or wider:
+    a half-precision sum of squares overflows at 65504); scale a vector by it with `scalar.to(v.dtype)`."""
+    wide = small_dtype(a.dtype)
+    return torch.linalg.vecdot(a.to(wide), b.to(wide), dim=1)
+
+
+def small_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a solver's small dense algebra (Hessenberg least squares, dense LU): float32 or wider, whatever
+    the map's dtype (CPU LAPACK has no half-precision kernels, and bfloat16's 8 bits would spoil the rotations)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def safe(x: Tensor) -> Tensor:
@@ -283,6 +291,9 @@ class LinearSolver(AbstractSolver):
 
     fixes: ClassVar[dict] = {}        # per-status advice replacing the generic one in _FIXES
 
+    def __post_init__(self):
+        check_tolerance(type(self).__name__, self.tol, self.atol)
+
     def compute(self, M: Operator, b: Tensor, *, x0: Tensor | None = None, MT: Operator | None = None,
                 preconditioner: Operator | None = None, state: Any = None) -> LinearSolution:
         """`solve` without the report: the LinearSolution carries each sample's status and nothing warns (bad
@@ -321,8 +332,7 @@ class LinearSolver(AbstractSolver):
 
     # --- checks and messages ---------------------------------------------------------------------------------
     def _check_config(self) -> None:
-        if not self.tol >= 0 or not self.atol >= 0:
-            raise ValueError(f"{self.name}: tol and atol must be >= 0, got tol={self.tol}, atol={self.atol}")
+        check_tolerance(type(self).__name__, self.tol, self.atol)
         if self.max_iter < 0:
             raise ValueError(f"{self.name}: max_iter must be >= 0, got {self.max_iter}")
 
@@ -351,6 +361,8 @@ class LinearSolver(AbstractSolver):
 
     def _message(self, run: _Run, residuals: Tensor) -> str:
         B = run.status.numel()
+        if B == 0:
+            return f"{self.name}: empty batch (0 samples), nothing to solve"
         final = residuals[-1]
         ok = run.status == CONVERGED
         if bool(ok.all()):

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ._common import MAX_ITER, SINGULAR, STAGNATED, LinearSolver, _Run
+from ._common import MAX_ITER, SINGULAR, STAGNATED, LinearSolver, _Run, small_dtype
 
 
 def _clock(like: Tensor) -> float:
@@ -85,14 +85,16 @@ class Dense(LinearSolver):
 
     def _iterate(self, run: _Run) -> None:
         n = run.b.shape[1]
-        A = torch.eye(n, dtype=run.b.dtype, device=run.b.device) - self._matrix(run)
+        # the LU runs in float32 or wider (small_dtype); the residual is corrected in the map's dtype
+        wide = small_dtype(run.b.dtype)
+        A = torch.eye(n, dtype=wide, device=run.b.device) - self._matrix(run).to(wide)
         LU, pivots, info = torch.linalg.lu_factor_ex(A)
         pivot = LU.diagonal(dim1=-2, dim2=-1).abs()
         ratio = pivot.amin(-1) / pivot.amax(-1)
-        run.flag((info > 0) | ~(ratio > n * torch.finfo(A.dtype).eps), SINGULAR)
+        run.flag((info > 0) | ~(ratio > n * torch.finfo(run.b.dtype).eps), SINGULAR)
         while run.budget > 0 and bool(run.running.any()):
             active, previous = run.running, run.rel
-            du = torch.linalg.lu_solve(LU, pivots, run.r.unsqueeze(2)).squeeze(2)
+            du = torch.linalg.lu_solve(LU, pivots, run.r.to(wide).unsqueeze(2)).squeeze(2).to(run.b.dtype)
             run.u = torch.where(active.unsqueeze(1), run.u + du, run.u)
             run.refresh(active, record=True)
             run.flag(active & (len(run.rows) > 2) & (run.rel > 0.5 * previous), STAGNATED)

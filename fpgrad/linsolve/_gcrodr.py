@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ._common import DIVERGED_CODES, MAX_ITER, STAGNATED, LinearSolver, _Run, safe
+from ._common import DIVERGED_CODES, MAX_ITER, STAGNATED, LinearSolver, _Run, safe, small_dtype
 from ._gmres import INITIAL_CAPACITY, givens_column, least_squares, orthogonalise
 from ._recycle import RecycleSpace
 
@@ -119,12 +119,12 @@ class GCRODR(LinearSolver):
             ws.Bk[:, :, j] = torch.where(keep, coef[:, :k], 0)       # C^T A v_j
             W[:, k + j + 1] = torch.where((stepping & ~lucky).unsqueeze(1), w / safe(hn).unsqueeze(1), 0)
             steps = steps + stepping.long()
-            rel = beta * Qt[:, j + 1, 0].abs() / run.scale
+            rel = (beta * Qt[:, j + 1, 0].abs() / run.scale).to(run.rel.dtype)
             active = run.record(rel, active) & stepping & ~(rel <= run.threshold)
             s = j + 1
         if s > 0:
             # min ||beta e1 - Hbar y||, then the U part cancels C^T A V y:  du = V y - U (C^T A V) y
-            y = least_squares(ws.Qt, ws.R, beta, steps, s)
+            y = least_squares(ws.Qt, ws.R, beta, steps, s).to(ws.W.dtype)
             By = torch.bmm(ws.Bk[:, :, :s], y.unsqueeze(2)).squeeze(2)
             t = t + torch.bmm(y.unsqueeze(1), ws.W[:, k : k + s]).squeeze(1) - torch.bmm(By.unsqueeze(1), U).squeeze(1)
         run.u = torch.where(members.unsqueeze(1), run.u + run.precondition(t), run.u)
@@ -244,8 +244,8 @@ class _Workspace:
         self.capacity = capacity
         self.W = C.new_zeros(B, k + capacity + 1, n)
         self.W[:, :k] = C
-        self.Qt = torch.eye(capacity + 1, dtype=C.dtype, device=C.device).repeat(B, 1, 1)
-        self.R = C.new_zeros(B, capacity, capacity)
+        self.Qt = torch.eye(capacity + 1, dtype=small_dtype(C.dtype), device=C.device).repeat(B, 1, 1)
+        self.R = torch.zeros(B, capacity, capacity, dtype=self.Qt.dtype, device=C.device)
         self.H = C.new_zeros(B, capacity + 1, capacity)
         self.Bk = C.new_zeros(B, k, capacity)
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_period
-from ._common import MAX_ITER, STAGNATED, LinearSolver, _Run, safe
+from ._common import MAX_ITER, STAGNATED, LinearSolver, _Run, safe, small_dtype
 
 
 @dataclass(frozen=True)
@@ -73,13 +73,13 @@ class GMRES(LinearSolver):
             stepping = givens_column(Qt, R, h, hn, j, active)
             V[:, j + 1] = torch.where((stepping & ~lucky).unsqueeze(1), w / safe(hn).unsqueeze(1), 0)
             steps = steps + stepping.long()
-            rel = beta * Qt[:, j + 1, 0].abs() / run.scale
+            rel = (beta * Qt[:, j + 1, 0].abs() / run.scale).to(run.rel.dtype)
             active = run.record(rel, active) & stepping & ~(rel <= run.threshold)
             k = j + 1
         if period > 1:
             run.drop_idle_tail(period - 1)
         if k > 0:
-            y = least_squares(Qt, R, beta, steps, k)
+            y = least_squares(Qt, R, beta, steps, k).to(V.dtype)
             du = run.precondition(torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1))
             run.u = torch.where((steps > 0).unsqueeze(1), run.u + du, run.u)
         return None
@@ -175,7 +175,8 @@ def givens_column(Qt: Tensor, R: Tensor, h: Tensor, hn: Tensor, j: int, active: 
     """Bring Hessenberg column j (h: [B, j + 1], subdiagonal hn: [B]) into R with the rotations so far and one
     new rotation, updating Q^T and R in place. Returns the samples that took the step (active, with a nonzero
     diagonal; for the others R gets an identity column: a singular Hessenberg matrix stops them here)."""
-    col = torch.bmm(Qt[:, : j + 2, : j + 2], torch.cat([h, hn.unsqueeze(1)], 1).unsqueeze(2)).squeeze(2)
+    column = torch.cat([h, hn.unsqueeze(1)], 1).to(Qt.dtype)       # (Q^T and R may be wider than h)
+    col = torch.bmm(Qt[:, : j + 2, : j + 2], column.unsqueeze(2)).squeeze(2)
     diag = torch.hypot(col[:, j], col[:, j + 1])
     stepping = active & (diag > 0)
     cos = torch.where(stepping, col[:, j] / safe(diag), 1).unsqueeze(1)
@@ -194,7 +195,7 @@ def least_squares(Qt: Tensor, R: Tensor, beta: Tensor, steps: Tensor, k: int) ->
     """y: [B, k] minimising ||beta e1 - Hbar y|| from the rotated system R y = beta Q^T e1 (a sample uses its
     first `steps` columns; the rest of its y is zero)."""
     used = torch.arange(k, device=steps.device) < steps.unsqueeze(1)
-    g = torch.where(used, beta.unsqueeze(1) * Qt[:, :k, 0], 0)
+    g = torch.where(used, beta.unsqueeze(1).to(Qt.dtype) * Qt[:, :k, 0], 0)
     return torch.linalg.solve_triangular(R[:, :k, :k], g.unsqueeze(2), upper=True).squeeze(2)
 
 
@@ -203,12 +204,12 @@ INITIAL_CAPACITY = 32     # Arnoldi steps allocated at first; doubled as needed 
 
 def _workspace(b: Tensor, capacity: int, old: tuple[Tensor, Tensor, Tensor] | None = None
                ) -> tuple[Tensor, Tensor, Tensor]:
-    """Basis V: [B, c + 1, n], rotations Q^T: [B, c + 1, c + 1] (identity), R: [B, c, c] for c = capacity
-    Arnoldi steps, holding the contents of `old` if given."""
+    """Basis V: [B, c + 1, n] (b's dtype), rotations Q^T: [B, c + 1, c + 1] (identity), R: [B, c, c] (in
+    small_dtype: float32 or wider) for c = capacity Arnoldi steps, holding the contents of `old` if given."""
     B, n = b.shape
     V = b.new_zeros(B, capacity + 1, n)
-    Qt = torch.eye(capacity + 1, dtype=b.dtype, device=b.device).repeat(B, 1, 1)
-    R = b.new_zeros(B, capacity, capacity)
+    Qt = torch.eye(capacity + 1, dtype=small_dtype(b.dtype), device=b.device).repeat(B, 1, 1)
+    R = torch.zeros(B, capacity, capacity, dtype=Qt.dtype, device=b.device)
     if old is not None:
         c = old[2].shape[-1]
         V[:, : c + 1] = old[0]

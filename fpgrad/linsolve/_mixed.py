@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import check_tolerance
 from ..errors import DTypeError
 from ..results import LinearSolution
 from ._common import AbstractSolver, LinearSolver, Operator
@@ -45,6 +46,7 @@ class MixedPrecision(AbstractSolver):
     lowers_precision: ClassVar[bool] = True
 
     def __post_init__(self):
+        check_tolerance("MixedPrecision", self.tol)
         if not isinstance(self.inner, LinearSolver):
             raise TypeError(f"MixedPrecision: inner must be a linear solver such as GMRES(), got "
                             f"{type(self.inner).__name__}")

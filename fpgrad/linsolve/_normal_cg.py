@@ -78,7 +78,7 @@ class NormalCG(LinearSolver):
             w = run.A(Pp, active)
             ww = dot(w, w)
             active = active & (ww > 0)
-            alpha = torch.where(active, zz / safe(ww), 0).unsqueeze(1)
+            alpha = torch.where(active, zz / safe(ww), 0).to(p.dtype).unsqueeze(1)
             u = u + alpha * Pp
             r = r - alpha * w
             rel = r.norm(dim=1) / run.scale
@@ -88,7 +88,7 @@ class NormalCG(LinearSolver):
             z = self._normal(run, r, active)
             zz_new = dot(z, z)
             active = active & (zz_new > 0)
-            p = z + (zz_new / safe(zz)).unsqueeze(1) * p
+            p = z + (zz_new / safe(zz)).to(p.dtype).unsqueeze(1) * p
             zz = zz_new
         run.u = u
         return broke

@@ -239,6 +239,22 @@ def meaning_bullets(summary: SpectralSummary, d: dict[str, Any]) -> list[str]:
     return out
 
 
+def round_off_floor(trace: Any, dtype: str, tail: int = 5) -> tuple[float, float] | None:
+    """(level, level / first residual) when a residual trace ends flat (its last `tail` values within a factor 2)
+    at most 1e3 unit roundoffs of the dtype below its start (the forward solvers' own round-off-floor test, with
+    the first residual standing in for ||f(z)||); None otherwise."""
+    values = [v for v in _as_list(trace) if _finite(v)]
+    eps = dtype_eps(dtype)
+    if eps is None or len(values) < 2 * tail or not values[0] > 0:
+        return None
+    last = values[-tail:]
+    level = max(last)
+    if not (min(last) > 0 and level <= 2 * min(last)):
+        return None
+    ratio = level / values[0]
+    return (level, ratio) if ratio <= 1e3 * eps else None
+
+
 def forward_sentence(summary: SpectralSummary, d: dict[str, Any]) -> str | None:
     """Converged or not, steps, empirical contraction rate vs ρ."""
     fwd = summary.forward or {}
@@ -258,6 +274,12 @@ def forward_sentence(summary: SpectralSummary, d: dict[str, Any]) -> str | None:
             text += " (they match, as plain iteration predicts)"
         elif rho >= 1.0 and rate >= 1.0 - _RATE_MATCH:
             text += " (the residual does not shrink, as ρ ≥ 1 predicts)"
+        elif (floor := round_off_floor(summary.residuals[i] if i < len(summary.residuals) else None,
+                                       summary.dtype)) is not None:
+            dtype = str(summary.dtype).split(".")[-1]
+            text += (f" (slower than ρ because the residual trace flattened at {num(floor[0])}, {num(floor[1])} of "
+                     f"its start: the round-off floor of {dtype}, where no solver makes progress; the rate of the flat "
+                     "tail is not the map's. A tolerance below this floor cannot be met: loosen tol or use float64)")
         elif rate < rho:
             text += (" (faster than ρ: an accelerated solver such as Anderson or Broyden, or a trace that ended "
                      "before its asymptotic regime)")
