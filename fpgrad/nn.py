@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ._checks import check_inputs
 from .autograd import fixed_point
-from .errors import ConvergenceWarning, ShapeError
+from .errors import ConvergenceWarning, NonFiniteError, ShapeError
 from .estimators import CostRecord, Estimator, get_estimator
 from .forward import ForwardSolver, Iterate, get_forward
 from .maps import Map, init_slot_attention_params, sample_slots, slot_attention, slot_attention_step
@@ -65,9 +65,9 @@ class ImplicitSlotAttention(nn.Module):
 
     torch.compile: `torch.compile(module)` works (fullgraph=False); compile_step=True also compiles the step
     on its own, so that every application of it inside the solver loops runs compiled code. Graph breaks
-    (TORCH_LOGS=graph_breaks): one at the finiteness check of the inputs and parameters (a host sync); for
-    every backward but unrolled, one at the `fixed_point` call, whose solver loop stops on data (per-sample
-    residuals) and runs eagerly, outside the graph (with compile_step its steps run compiled); one more when
+    (TORCH_LOGS=graph_breaks): for every backward but unrolled, one at the `fixed_point` call, whose solver
+    loop stops on data (per-sample residuals) and runs eagerly, outside the graph, with the slots' finiteness
+    check (with compile_step its steps run compiled); for unrolled, one at that check (a host sync); one more when
     the initial slots are drawn from a `generator` (pass `noise=` or `slots=` to avoid it). Unrolled is
     traced whole (T steps, forward and backward). The adjoint estimators' products J^T v stay eager: they run
     under torch.func.vjp, and a compiled function called inside a torch.func transform falls back to eager
@@ -170,6 +170,30 @@ class ImplicitSlotAttention(nn.Module):
             return self._compiled_step(params, z, x)
         return slot_attention_step(params, z, x, eps=self.eps)
 
+    def _solve_named(self, params, inputs: Tensor, z0: Tensor, solver, est, record, where: str, inside: bool) -> Tensor:
+        """fixed_point, then one finiteness check of the slots; a NaN/Inf is blamed on the input, initial slots or
+        parameter that holds one, else on the step (a function of its own: torch.compile breaks the graph at
+        its call and traces the rest of forward)."""
+        try:
+            z = fixed_point(self._step, params, inputs, z0, forward=solver, backward=est, record=record,
+                            batched=True, check=False)
+        except NonFiniteError:
+            if not inside:
+                self._name_nonfinite_input(params, z0, inputs, where)
+            raise
+        if not inside and not bool(torch.isfinite(z.detach().sum())):
+            self._name_nonfinite_input(params, z0, inputs, where)
+            raise NonFiniteError(
+                f"{where}: the slots came out NaN/Inf although the inputs, the initial slots and every parameter "
+                "are finite: the step overflowed. Lower the learning rate or clip gradients, and check "
+                "rho(J) at the slots (fpgrad.spectral.spectral_radius or fpgrad.contraction.spectral_penalty)")
+        return z
+
+    @staticmethod
+    def _name_nonfinite_input(params, z0: Tensor, inputs: Tensor, where: str) -> None:
+        """Raise the error naming the input, initial slots or parameter that holds NaN/Inf (if one does)."""
+        check_inputs(params, z0, inputs, where=where, check_values=True, z_name="initial slots", x_name="inputs")
+
     def _solver(self, iters: int, measure_last: bool = True) -> ForwardSolver:
         if self.tol is None:
             return Iterate.exactly(iters, measure_last=measure_last)
@@ -231,9 +255,11 @@ class ImplicitSlotAttention(nn.Module):
             z0 = params["slots_mu"] + params["slots_log_sigma"].exp() * noise
         else:
             z0 = sample_slots(params, inputs.shape[0], self.num_slots, generator)
-        # (a vmapped tensor has no single truth value: values are checked outside torch.func transforms)
-        check_inputs(params, z0, inputs, where=where, check_values=not _inside_torch_func_transform(),
-                     z_name="initial slots", x_name="inputs")
+        inside = _inside_torch_func_transform()
+        # dtypes and devices now (no tensor op); values only when the slots come out non-finite, so that a healthy
+        # training step pays one finiteness check of its output, not one per parameter (a vmapped tensor has no
+        # single truth value: values are checked outside torch.func transforms)
+        check_inputs(params, z0, inputs, where=where, check_values=False, z_name="initial slots", x_name="inputs")
         iters = self.iters if self.training else self.eval_iters
         est = self.estimator()
         record = CostRecord()
@@ -245,9 +271,7 @@ class ImplicitSlotAttention(nn.Module):
         # under torch.compile the solver loop runs eagerly, outside the graph (see the class docstring)
         # steps taped after the solve evaluate f(z_T) anyway: the solve does not evaluate it once more to measure
         solver = self._solver(solve_iters, measure_last=not est.taped_steps_after_solve)
-        z = fixed_point(self._step, params, inputs, z0, forward=solver, backward=est, record=record, batched=True,
-                        check=False)
-        inside = _inside_torch_func_transform()
+        z = self._solve_named(params, inputs, z0, solver, est, record, where, inside)
         self.last = None if inside else SolvedState(self._step, params, inputs, z.detach())
         if self.tol is not None and not inside:
             self._warn_unconverged(record, iters)

@@ -114,7 +114,7 @@ def _graph_breaks() -> set[str]:
     kinds = set()
     for reason in counters["graph_break"]:
         if "item()" in reason:
-            kinds.add("host sync")               # bool() of a tensor: the finiteness check of the inputs
+            kinds.add("host sync")               # bool() of a tensor: the finiteness check of the slots
         elif "skipped" in reason:
             kinds.add("eager solver")            # the fixed_point call, run outside the graph
         elif "Generator" in reason:
@@ -129,10 +129,10 @@ def test_graph_breaks_are_the_documented_ones(backward):
     layer = _layer(backward, torch.float32)
     x, z0 = _inputs(torch.float32)
     torch.compile(layer, backend="eager")(x, slots=z0).sum().backward()
-    if backward == "unrolled":                   # the T steps are traced whole
+    if backward == "unrolled":                   # the T steps are traced whole; then the slots' finiteness check
         assert _graph_breaks() == {"host sync"}
-    else:                                        # the solver loop stops on data: it runs eagerly
-        assert _graph_breaks() == {"host sync", "eager solver"}
+    else:                                        # the solver loop stops on data: it runs eagerly, and the slots'
+        assert _graph_breaks() == {"eager solver"}   # finiteness check with it
 
 
 def test_sampling_from_a_generator_adds_one_graph_break():
