@@ -94,11 +94,15 @@ class Iterate(ForwardSolver):
         # one host sync: z_T is finite (a sum propagates NaN / Inf; a sum that overflowed is looked at closer)
         if not bool(torch.isfinite(z.sum())):
             self._check_finite(torch.ones(B, dtype=torch.bool, device=z.device), T, z)
-        last, last_rel = residuals[-1], relative[-1]
-        converged = (last == 0) & torch.isfinite(last)       # tol = 0: only an exact fixed point
-        floor = last_rel <= 1e3 * torch.finfo(z.dtype).eps
-        status = torch.where(converged, int(Status.CONVERGED),
-                             torch.where(floor, int(Status.STAGNATED), int(Status.MAX_ITER))).long()
+        if self.measure_last:
+            last, last_rel = residuals[-1], relative[-1]
+            converged = (last == 0) & torch.isfinite(last)       # tol = 0: only an exact fixed point
+            floor = last_rel <= 1e3 * torch.finfo(z.dtype).eps
+            status = torch.where(converged, int(Status.CONVERGED),
+                                 torch.where(floor, int(Status.STAGNATED), int(Status.MAX_ITER))).long()
+        else:                                # z_T's residual unknown: not converged, stopped at its step count
+            converged = torch.zeros(B, dtype=torch.bool, device=z.device)
+            status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.long, device=z.device)
         steps = torch.full((B,), f.evaluations, dtype=torch.long, device=z.device)
         measured = "" if self.measure_last else "; the residual of z_T was not measured"
         message = f"{self.name}: exactly {T} step(s) from z0 ({f.evaluations} evaluations{measured})"
