@@ -610,6 +610,18 @@ def arms_figure(root: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_readme(root: Path, make_table, make_figure) -> str:
+    """root/table.md and root/curves.png from the stored rows, and the table filled into root/README.md."""
+    text = make_table(root)
+    _atomic_write_bytes(root / "table.md", lambda f: f.write(text.encode()))
+    readme = root / "README.md"
+    if readme.exists():
+        new = fill_table(readme.read_text(), text).encode()
+        _atomic_write_bytes(readme, lambda f: f.write(new))
+    make_figure(root, root / "curves.png")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m studies.discovery", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="plain-fullres", help=f"one of {sorted(CONFIGS)}")
@@ -627,24 +639,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="write ROOT/table.md and ROOT/curves.png from the rows of every arm run under ROOT")
     args = parser.parse_args(argv)
     if args.arms_readme is not None:
-        text = arms_table(args.arms_readme)
-        _atomic_write_bytes(args.arms_readme / "table.md", lambda f: f.write(text.encode()))
-        readme = args.arms_readme / "README.md"
-        if readme.exists():
-            new = fill_table(readme.read_text(), text).encode()
-            _atomic_write_bytes(readme, lambda f: f.write(new))
-        arms_figure(args.arms_readme, args.arms_readme / "curves.png")
-        print(text)
+        print(write_readme(args.arms_readme, arms_table, arms_figure))
         return
     if args.readme is not None:
-        text = table(args.readme)
-        _atomic_write_bytes(args.readme / "table.md", lambda f: f.write(text.encode()))
-        readme = args.readme / "README.md"
-        if readme.exists():
-            new = fill_table(readme.read_text(), text).encode()
-            _atomic_write_bytes(readme, lambda f: f.write(new))
-        figure(args.readme, args.readme / "curves.png")
-        print(text)
+        print(write_readme(args.readme, table, figure))
         return
     config = config_of(args.config, args.quick, args.seed, args.arm, args.ablation)
     steps = args.steps if args.steps is not None else (4 if args.quick else 20_000)
