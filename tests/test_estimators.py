@@ -391,3 +391,12 @@ def test_compare_estimators_rows_carry_error_cost_and_adjoint_residual():
     assert neumann["adjoint_residual"] == pytest.approx(float(g.series.residual.max()), rel=1e-9)
     assert 0 < neumann["adjoint_residual"] < 1 and neumann["vjps"] == 4
     assert one_step["adjoint_residual"] != one_step["adjoint_residual"]        # NaN: no adjoint formed
+
+
+def test_not_a_fixed_point_names_the_module_knob():
+    from fpgrad.nn import ImplicitSlotAttention
+    layer = ImplicitSlotAttention(8, 3, iters=2, backward="implicit", seed=0).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    slots = layer(x, noise=torch.randn(2, 3, 8, dtype=torch.float64))
+    with pytest.warns(ConvergenceWarning, match="ImplicitSlotAttention's iters / tol"):
+        slots.sum().backward()

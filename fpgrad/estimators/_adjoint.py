@@ -38,7 +38,8 @@ def check_fixed_point(name: str, lin: Linearisation, rtol: float, record: CostRe
     msg = (f"{name}: the state is not a fixed point (relative residual ||f(z) - z|| / ||f(z)|| = "
            f"{float(res[worst]):.2e} in sample {worst}, {int((res > rtol).sum())} of {res.numel()} samples above "
            f"{rtol:g}); this gradient assumes z = f(z) and can point the wrong way: converge the forward solve "
-           "(raise max_iter / use anderson or broyden) or use Unrolled(T) for a truncated forward pass")
+           "(raise the forward's max_iter, or ImplicitSlotAttention's iters / tol; use anderson or broyden) or use "
+           "Unrolled(T) for a truncated forward pass")
     record.messages.append(msg)
     warn(msg)
 
