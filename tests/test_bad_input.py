@@ -285,3 +285,25 @@ def test_gradient_works_under_no_grad_and_inference_mode(mode):
     # z* = (I - A)^-1 B x = 2x; d sum(z*) / dx = (I - A)^-T B^T 1 = 2; d / dB = (I - A)^-T 1 x^T = 2 x^T
     torch.testing.assert_close(g.x, torch.full((1, 3), 2.0, dtype=torch.float64))
     torch.testing.assert_close(g.params["B"], 2.0 * torch.ones(3, 1, dtype=torch.float64) * x)
+
+
+def test_nan_made_by_the_operator_is_not_blamed_on_the_spectral_radius():
+    """#17 item 15: a NaN that only the VJP (the operator) produces is named as such, not as rho(J) >= 1."""
+    import warnings as _warnings
+
+    from fpgrad.linsolve import GMRES
+
+    def M(v):                       # finite input, NaN output in sample 1: a derivative that is not finite
+        out = 0.5 * v
+        return torch.where(torch.arange(v.shape[0])[:, None] == 1, out * float("nan"), out)
+
+    b = torch.ones(3, 4, dtype=torch.float64)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")
+        sol = GMRES(tol=1e-10).solve(M, b, throw=False)
+    assert bool(sol.converged[0]) and not bool(sol.converged[1])
+    assert "operator itself returned NaN/Inf" in sol.message and "not a spectral-radius problem" in sol.message
+
+    def growing(v):                               # finite everywhere: no such claim
+        return 0.5 * v
+    assert "operator itself" not in GMRES(tol=1e-10).solve(growing, b).message

@@ -74,6 +74,17 @@ _FIXES = {
 }
 
 
+def _operator_not_finite(run, samples: Tensor) -> bool:
+    """Whether M maps the (finite) right-hand side to NaN/Inf in one of `samples`: one extra matvec, only on the
+    failure path, that tells an operator that is not finite apart from an iteration that blew up."""
+    try:
+        with torch.no_grad():
+            out = run.M(run.b)
+    except Exception:          # the probe is a diagnosis: never replace the failure being reported
+        return False
+    return isinstance(out, Tensor) and out.shape == run.b.shape and not bool(torch.isfinite(out[samples]).all())
+
+
 class _Run:
     """Mutable state of one batched solve: iterate u, true residual r, per-sample status, trace and counts."""
 
@@ -387,6 +398,10 @@ class LinearSolver(AbstractSolver):
             shown = ", ".join(map(str, which[:8])) + (", ..." if len(which) > 8 else "")
             cause = _CAUSES[code].format(residual=residual, iters=int(run.iterations[samples].max()), **fields)
             fix = self.fixes.get(code, _FIXES[code]).format(**fields)
+            if code == NONFINITE and _operator_not_finite(run, samples):
+                fix = ("the operator itself returned NaN/Inf for a finite vector (M b, i.e. J^T b: the step's VJP), "
+                       "so this is not a spectral-radius problem: the step's derivative is not finite at z* (e.g. "
+                       "sqrt or log at 0, division by ~0, an overflow in its backward); check the step there")
             extra = self._diagnosis(run, residuals, samples)
             who = "" if B == 1 else f"{len(which)} of {B} samples (index {shown}) "
             parts.append(f"{who}{cause}{extra}; {fix}")
