@@ -16,7 +16,7 @@ from fpgrad.estimators import Implicit, OneStep, Unrolled
 
 DEVICE = torch.device(os.environ.get("FPGRAD_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
-    pytest.skip(f"FPGRAD_TEST_DEVICE={DEVICE} but no CUDA device is present", allow_module_level=True)
+    pytest.skip(reason=f"FPGRAD_TEST_DEVICE={DEVICE} but no CUDA device is present", allow_module_level=True)
 
 # relative error of the device's gradient to the float64 CPU reference, per dtype of the device run
 TOLERANCE = {torch.float64: 1e-7, torch.float32: 2e-3}
