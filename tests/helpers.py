@@ -40,3 +40,26 @@ def contractive_tanh(n: int, lipschitz: float, seed: int = 0, input_dim=None, dt
     m = fpgrad.maps.tanh_rnn(n=n, spectral_radius=0.5, seed=seed, input_dim=input_dim, dtype=dtype)
     W = m.params["W"]
     return m.with_params({**m.params, "W": W * (lipschitz / torch.linalg.matrix_norm(W, 2))})
+
+
+def run_ranks(target, out, world: int, timeout: float) -> None:
+    """Spawn `world` processes target(rank, store_path, out) and wait up to `timeout` s; a hung, failed or erroring
+    rank (each writes out/error.rank<r>.txt on an exception) fails the calling test with the ranks' tracebacks."""
+    import multiprocessing as mp
+    import time
+
+    import pytest
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, str(out / "store"), str(out)), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join(5)
+    errors = "\n".join(f.read_text() for f in sorted(out.glob("error.rank*.txt")))
+    if hung or errors or any(p.exitcode != 0 for p in procs):
+        pytest.fail(f"DDP ranks failed (hung: {hung}, exit codes {[p.exitcode for p in procs]}):\n{errors}")

@@ -6,7 +6,6 @@ own record (`spectral_penalty(ddp_model, ...)`), and its gradient joins the same
 from __future__ import annotations
 
 import gc
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -14,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import contractive_tanh
+from helpers import contractive_tanh, run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -123,20 +121,7 @@ def _rank_main(rank: int, init_file: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_gradients(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp_penalty")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(out / "store"), str(out)), daemon=True) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join(5)
-    errors = "\n".join(f.read_text() for f in sorted(out.glob("error.rank*.txt")))
-    if hung or errors or any(p.exitcode != 0 for p in procs):
-        pytest.fail(f"DDP ranks failed (hung: {hung}, exit codes {[p.exitcode for p in procs]}):\n{errors}")
+    run_ranks(_rank_main, out, WORLD, TIMEOUT)
     return out
 
 

@@ -7,7 +7,6 @@ import gc
 import os
 import subprocess
 import sys
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -15,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import contractive_tanh
+from helpers import contractive_tanh, run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -119,20 +117,7 @@ def _rank_main(rank: int, init_file: str, out: str) -> None:
 def ddp_gradients(tmp_path_factory) -> Path:
     """Runs both ranks once for every case; returns the directory of their saved gradients."""
     out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(out / "store"), str(out)), daemon=True) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join(5)
-    errors = "\n".join(f.read_text() for f in sorted(out.glob("error.rank*.txt")))
-    if hung or errors or any(p.exitcode != 0 for p in procs):
-        pytest.fail(f"DDP ranks failed (hung: {hung}, exit codes {[p.exitcode for p in procs]}):\n{errors}")
+    run_ranks(_rank_main, out, WORLD, TIMEOUT)
     return out
 
 
