@@ -40,7 +40,9 @@ from fpgrad.compare import relative_error
 
 DTYPE = torch.float32
 TOL = 1e-4
-SECTIONS = ("tests", "forward", "adjoint", "end_to_end", "memory", "syncs")
+# in the order they run: what the GPU target needs first, so that a run cut short by its budget keeps it
+SECTIONS = ("tests", "end_to_end", "syncs", "check_every", "memory", "forward", "adjoint")
+CHECK_PERIODS = (1, 2, 4, 8, 16)
 
 
 @dataclass
@@ -131,9 +133,9 @@ def _relative_residual(case: Case, z: Tensor) -> float:
 
 def run_tests(s: Settings, budget: float) -> dict:
     """pytest -k cuda over tests/, and tests/test_gpu_gradients.py on the GPU (subprocesses, their summaries)."""
-    commands = {"cuda_marked": [sys.executable, "-m", "pytest", "tests", "-k", "cuda", "-q", "-rs",
+    commands = {"cuda_marked": [sys.executable, "-m", "pytest", "tests", "-k", "cuda", "-q", "-rfEs",
                                 "-p", "no:cacheprovider"],
-                "gpu_gradients": [sys.executable, "-m", "pytest", "tests/test_gpu_gradients.py", "-q", "-rs",
+                "gpu_gradients": [sys.executable, "-m", "pytest", "tests/test_gpu_gradients.py", "-q", "-rfEs",
                                   "-p", "no:cacheprovider"]}
     if s.dry_run:
         return {name: {"command": " ".join(cmd[1:]), "status": "skipped (dry run: no CUDA)"}
@@ -144,8 +146,8 @@ def run_tests(s: Settings, budget: float) -> dict:
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=C.ROOT, env=env, capture_output=True, text=True,
-                                  timeout=max(30.0, budget / 2))
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+                                  timeout=min(180.0, max(30.0, budget / 3)))
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-40:]
             out[name] = {"command": " ".join(cmd[1:]), "returncode": proc.returncode,
                          "status": "passed" if proc.returncode == 0 else "failed", "summary": tail}
         except subprocess.TimeoutExpired:
@@ -355,6 +357,47 @@ def run_syncs(case: Case, s: Settings) -> list[dict]:
     return rows
 
 
+def run_check_every(case: Case, s: Settings) -> list[dict]:
+    """Seconds and iterations of a solve to 1e-4 at each convergence-check period (check_every = 1, 2, 4, 8, 16):
+    fewer host syncs against up to k - 1 iterations past convergence. Forward: anderson and iterate; adjoint:
+    GMRES (restart 30) and BiCGSTAB at z*. The default's row is marked."""
+    from fpgrad._checks import check_period
+    from fpgrad.forward import get_forward
+    from fpgrad.linsolve import get_solver
+    default = check_period(None, s.device, "benchmarks.gpu")
+    rows = []
+    for name in ("anderson", "iterate"):
+        for k in CHECK_PERIODS:
+            solver = get_forward(name, tol=TOL, max_iter=s.max_iter, warn=False, check_every=k)
+
+            def run(solver=solver):
+                return solver.solve(case.step, case.params, case.x, case.z0, check=False)
+            with C.quiet():
+                result = run()
+            rows.append({"map": case.name, "loop": "forward", "solver": name, "check_every": k,
+                         "default": k == default, "iterations": int(result.steps.max()),
+                         "relative_residual": _relative_residual(case, result.z), **timed(run, s)})
+    z = _fixed_point(case, s)
+    jac = C.Jacobian(case.step, case.params, case.x, z)
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=DTYPE).to(z.device)
+    g = g.reshape(z.shape[0], -1)
+    for name in ("gmres", "bicgstab"):
+        for k in CHECK_PERIODS:
+            solver = get_solver(name, tol=TOL, max_iter=s.max_iter, check_every=k)
+
+            def run(solver=solver):
+                return solver.solve(jac.JT, g, throw=False)
+            jac.count.reset()
+            with C.quiet():
+                u = run().u
+            vjps = jac.count.vjps
+            with torch.no_grad():
+                res = float((u - jac.JT(u) - g).norm() / g.norm())
+            rows.append({"map": case.name, "loop": "adjoint", "solver": name, "check_every": k,
+                         "default": k == default, "vjps": vjps, "relative_residual": res, **timed(run, s)})
+    return rows
+
+
 # ---- output ---------------------------------------------------------------------------------------------------
 
 def _fmt_bytes(v: Any) -> str:
@@ -366,7 +409,11 @@ def readme(results: dict[str, Any], meta: dict[str, Any]) -> str:
     from fpgrad.report import markdown_table
     f = C.fmt
     parts = [f"## GPU check ({meta['device']}{', dry run on tiny sizes' if meta['dry_run'] else ''})", "",
-             f"`{meta['command']}`, {meta['date']}, {meta['seconds']:.0f} s, float32, tolerance {TOL:g}.", ""]
+             f"`{meta['command']}`, {meta['date']}, {meta['seconds']:.0f} s, float32, tolerance {TOL:g}"
+             f"{', torch ' + meta['torch'] if meta.get('torch') else ''}"
+             f"{', CUDA ' + meta['cuda'] if meta.get('cuda') else ''}.", ""]
+    if meta.get("skipped_for_time"):
+        parts += [f"Sections skipped when the time budget was spent: {', '.join(meta['skipped_for_time'])}.", ""]
     if "tests" in results:
         parts += ["### Tests", "", markdown_table([{"suite": k, **v} for k, v in results["tests"].items()],
                                                   ["suite", "status", "command"]), ""]
@@ -387,12 +434,40 @@ def readme(results: dict[str, Any], meta: dict[str, Any]) -> str:
                               "seconds": f(r["seconds_median"])}),
         "syncs": (["map", "loop", "library", "solver", "syncs / iteration", "syncs / call"],
                   lambda r: {**r, "syncs / iteration": f(r["per_iteration"]), "syncs / call": f(r["per_call"])}),
+        "check_every": (["map", "loop", "solver", "check every", "iterations / VJPs", "relative residual",
+                         "seconds"],
+                        lambda r: {**r, "check every": f"{r['check_every']}{' (default)' if r['default'] else ''}",
+                                   "iterations / VJPs": r.get("iterations", r.get("vjps")),
+                                   "relative residual": f(r["relative_residual"]),
+                                   "seconds": f(r["seconds_median"])}),
     }
     for name, (columns, shape) in tables.items():
-        if results.get(name):
-            parts += [f"### {name.replace('_', ' ')}", "", markdown_table([shape(r) for r in results[name]], columns),
-                      ""]
+        rows = [r for r in results.get(name) or [] if "error" not in r and not r.get("skipped_for_time")]
+        failed = [r for r in results.get(name) or [] if "error" in r or r.get("skipped_for_time")]
+        if rows or failed:
+            parts += [f"### {name.replace('_', ' ')}", ""]
+        if rows:
+            parts += [markdown_table([shape(r) for r in rows], columns), ""]
+        parts += [f"- {r['map']}: {r.get('error', 'skipped (time budget spent)')}" for r in failed]
+        parts += [""] if failed else []
+        if name == "end_to_end" and rows:
+            parts += [end_to_end_target(rows), ""]
     return "\n".join(parts)
+
+
+def end_to_end_target(rows: list[dict]) -> str:
+    """The GPU target: fpgrad's end-to-end gradient time (Implicit) <= TorchDEQ's on the same map, per map."""
+    lines = []
+    for m in dict.fromkeys(r["map"] for r in rows):
+        mine = next((r for r in rows if r["map"] == m and "Implicit" in r["method"]), None)
+        peer = next((r for r in rows if r["map"] == m and r["library"] == "torchdeq"), None)
+        if mine is None or peer is None:
+            lines.append(f"- {m}: not measured (TorchDEQ {'absent' if peer is None else 'present'})")
+            continue
+        ratio = mine["seconds_median"] / peer["seconds_median"]
+        lines.append(f"- {m}: fpgrad {mine['seconds_median']:.4f} s, TorchDEQ {peer['seconds_median']:.4f} s, ratio "
+                     f"{ratio:.2f} ({'met' if ratio <= 1.0 else '**missed**'})")
+    return "Target, fpgrad's end-to-end gradient time <= TorchDEQ's on the same map:\n\n" + "\n".join(lines)
 
 
 def write(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -402,7 +477,57 @@ def write(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
         atomic_write_text(out / f"{name}.json", json.dumps(jsonable({**meta, "section": name, "results": rows}),
                                                             indent=1) + "\n")
     atomic_write_text(out / "README.md", readme(results, meta) + "\n")
-    print(f"wrote {out}/README.md and {', '.join(f'{n}.json' for n in results)}")
+    print(f"   wrote {out}/README.md and {', '.join(f'{n}.json' for n in results)}", flush=True)
+
+
+def _summary(name: str, rows: Any) -> str:
+    """One short line per section for the console (the device tool returns only the output's tail)."""
+    if name == "tests":
+        return "; ".join(f"{k}: {v['status']}" + (f" ({v['summary'][-1]})" if v.get("summary") else "")
+                         for k, v in rows.items())
+    errors = sum(1 for r in rows if "error" in r)
+    if name == "end_to_end":
+        return "; ".join(f"{r['map'].split(' ')[0]} {r['method'].split(':')[0]} "
+                         + (f"{r['seconds_median']:.4f}s" if "seconds_median" in r else "error")
+                         for r in rows)
+    return f"{len(rows)} rows, {errors} errors"
+
+
+def _run_section(name: str, runner: Callable, the_cases: list[Case], s: Settings, started: float,
+                 budget: float) -> list[dict]:
+    """The section's rows over the cases; a case that raises is a row with its error (the run goes on), and the
+    cases left when the budget has run out are rows marked skipped."""
+    import traceback
+    rows: list[dict] = []
+    for case in the_cases:
+        if time.perf_counter() - started > budget:
+            rows.append({"map": case.name, "skipped_for_time": True})
+            continue
+        try:
+            rows += runner(case, s)
+        except Exception as err:   # noqa: BLE001 - one failing case must not lose the others' rows
+            rows.append({"map": case.name, "error": repr(err),
+                         "traceback": traceback.format_exc().splitlines()[-8:]})
+            print(f"  {name} / {case.name}: {err!r}", flush=True)
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def readme_from(folder: Path) -> str:
+    """Rewrite folder/README.md from the section JSON files stored there (nothing is rerun)."""
+    from fpgrad.report import atomic_write_text
+    results, meta = {}, None
+    for name in SECTIONS:
+        path = folder / f"{name}.json"
+        if path.exists():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            results[name] = data["results"]
+            meta = meta or {k: v for k, v in data.items() if k not in ("section", "results")}
+    if meta is None:
+        raise SystemExit(f"benchmarks.gpu --readme-from: no section JSON in {folder}; run python -m benchmarks.gpu")
+    atomic_write_text(folder / "README.md", readme(results, meta) + "\n")
+    return str(folder / "README.md")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,9 +538,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-tests", action="store_true", help="skip the pytest subprocesses")
     p.add_argument("--only", nargs="*", choices=SECTIONS, default=None)
     p.add_argument("--budget-seconds", type=float, default=420.0,
-                   help="sections left when this much time has passed are skipped (and listed as skipped)")
+                   help="sections and cases left when this much time has passed are skipped (and listed as skipped)")
+    p.add_argument("--readme-from", default=None, metavar="DIR",
+                   help="only rewrite DIR/README.md from the JSON files stored in DIR")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.readme_from:
+        print(f"wrote {readme_from(Path(args.readme_from))}")
+        return 0
     started = time.perf_counter()
     dry = args.dry_run or not torch.cuda.is_available()
     device = torch.device("cpu" if dry else "cuda")
@@ -426,10 +556,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else C.REPORTS / "gpu" / ("dry-run" if dry else "")
     sections = [n for n in (args.only or SECTIONS) if not (n == "tests" and args.skip_tests)]
     runners = {"forward": run_forward, "adjoint": run_adjoint, "end_to_end": run_end_to_end, "memory": run_memory,
-               "syncs": run_syncs}
+               "syncs": run_syncs, "check_every": run_check_every}
     results: dict[str, Any] = {}
     skipped: list[str] = []
     the_cases = cases(s, args.seed)
+    command = "python -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def meta() -> dict[str, Any]:
+        return {"command": command, "device": torch.cuda.get_device_name(0) if not dry else "cpu", "dry_run": dry,
+                "dtype": "float32", "tolerance": TOL, "seed": args.seed, "skipped_for_time": skipped,
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "seconds": time.perf_counter() - started, "machine": C.machine_info(torch.get_num_threads()),
+                "torch": torch.__version__, "cuda": torch.version.cuda,
+                "cases": [{"name": c.name, **c.info} for c in the_cases]}
     for name in sections:
         elapsed = time.perf_counter() - started
         if elapsed > args.budget_seconds:
@@ -439,14 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "tests":
             results[name] = run_tests(s, args.budget_seconds - elapsed)
         else:
-            results[name] = [row for case in the_cases for row in runners[name](case, s)]
-    meta = {"command": "python -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
-            "device": torch.cuda.get_device_name(0) if not dry else "cpu", "dry_run": dry, "dtype": "float32",
-            "tolerance": TOL, "seed": args.seed, "skipped_for_time": skipped,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": time.perf_counter() - started, "machine": C.machine_info(torch.get_num_threads()),
-            "cases": [{"name": c.name, **c.info} for c in the_cases]}
-    write(out, results, meta)
+            results[name] = _run_section(name, runners[name], the_cases, s, started, args.budget_seconds)
+        print(f"   {_summary(name, results[name])}", flush=True)
+        write(out, results, meta())       # after every section: a run cut short keeps what it finished
+    write(out, results, meta())
     return 0
 
 

@@ -98,3 +98,51 @@ def test_sync_section_silences_solver_warnings_but_keeps_the_sync_debug_warnings
             warnings.warn("called a synchronizing CUDA operation")
             warnings.warn("fpgrad.solve: did not converge")
     assert [str(r.message) for r in records] == ["called a synchronizing CUDA operation"]
+
+
+def test_dry_run_times_each_check_period_with_the_device_default_marked(dry_run):
+    rows = dry_run[1]["check_every"]["results"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["map"], r["loop"], r["solver"]), []).append(r)
+    assert {k[2] for k in groups} == {"anderson", "iterate", "gmres", "bicgstab"}
+    for key, group in groups.items():
+        assert [r["check_every"] for r in group] == list(gpu.CHECK_PERIODS), key
+        assert [r["check_every"] for r in group if r["default"]] == [1], key       # the CPU default
+        for r in group:
+            assert r["relative_residual"] <= 2 * gpu.TOL and r["seconds_median"] > 0, r
+
+
+def test_readme_is_rewritten_from_the_stored_json_alone(dry_run, tmp_path):
+    out, _ = dry_run
+    for name in gpu.SECTIONS:
+        (tmp_path / f"{name}.json").write_text((out / f"{name}.json").read_text())
+    assert gpu.main(["--readme-from", str(tmp_path)]) == 0
+    assert (tmp_path / "README.md").read_text() == (out / "README.md").read_text()
+    assert "fpgrad's end-to-end gradient time <= TorchDEQ's" in (tmp_path / "README.md").read_text() or \
+        not any(r["library"] == "torchdeq" for r in json.loads((out / "end_to_end.json").read_text())["results"])
+
+
+def test_a_case_that_raises_is_a_row_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(case, s):
+        if case.name.startswith("slot"):
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return [{"map": case.name, "estimator": "x", "T": 1, "saved_bytes_upper_bound": 0, "peak_bytes": None,
+                 "seconds_median": 1.0}]
+    monkeypatch.setattr(gpu, "run_memory", broken)
+    assert gpu.main(["--dry-run", "--out", str(tmp_path), "--only", "memory"]) == 0
+    rows = json.loads((tmp_path / "memory.json").read_text())["results"]
+    assert "illegal memory access" in rows[0]["error"] and rows[1]["seconds_median"] == 1.0
+    assert "illegal memory access" in (tmp_path / "README.md").read_text()
+
+
+def test_cases_left_after_the_budget_are_marked_skipped(tmp_path):
+    # a section starts only within the budget: at 0 s it is skipped whole and listed as such
+    assert gpu.main(["--dry-run", "--out", str(tmp_path), "--only", "memory", "--budget-seconds", "0"]) == 0
+    assert not (tmp_path / "memory.json").exists()
+    assert "Sections skipped when the time budget was spent: memory." in (tmp_path / "README.md").read_text()
+    # and within a section, the cases left once the budget is spent are rows marked skipped
+    s = gpu.Settings(torch.device("cpu"), True, 1, 10, (10,), (3,))
+    cases = gpu.cases(s, 0)
+    rows = gpu._run_section("memory", gpu.run_memory, cases, s, started=0.0, budget=-1.0)
+    assert rows == [{"map": c.name, "skipped_for_time": True} for c in cases]
