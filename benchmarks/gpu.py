@@ -41,7 +41,7 @@ from fpgrad.compare import relative_error
 DTYPE = torch.float32
 TOL = 1e-4
 # in the order they run: what the GPU target needs first, so that a run cut short by its budget keeps it
-SECTIONS = ("tests", "end_to_end", "syncs", "check_every", "memory", "forward", "adjoint")
+SECTIONS = ("tests", "end_to_end", "profile", "syncs", "check_every", "memory", "forward", "adjoint")
 CHECK_PERIODS = (1, 2, 4, 8, 16)
 
 
@@ -67,14 +67,31 @@ class Settings:
     Ts: tuple[int, ...]
 
 
-def slot_case(batch: int, inputs: int, dim: int, slots: int, device: torch.device, seed: int) -> Case:
+def slot_case(batch: int, inputs: int, dim: int, slots: int, device: torch.device, seed: int,
+              tries: int = 10) -> Case:
+    """Slot attention at random init whose forward converges for every sample: the first parameter seed from
+    `seed` on with Anderson reaching 1e-5 within 300 iterations on all `batch` inputs (random inits at D = 128
+    often leave a few samples non-contractive, and then every solver runs to its cap and the timings compare
+    caps, not tolerances); else the seed with the most samples converged, recorded in info."""
     import fpgrad
-    m = fpgrad.maps.slot_attention(dim=dim, num_slots=slots, seed=seed, dtype=DTYPE, device=device)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, inputs, dim, generator=gen, dtype=DTYPE).to(device)
-    z0 = m.init_state(x, gen).detach()
+    best = None
+    for s in range(seed, seed + tries):
+        m = fpgrad.maps.slot_attention(dim=dim, num_slots=slots, seed=s, dtype=DTYPE, device=device)
+        gen = torch.Generator().manual_seed(s + 1)
+        x = torch.randn(batch, inputs, dim, generator=gen, dtype=DTYPE).to(device)
+        z0 = m.init_state(x, gen).detach()
+        with C.quiet():
+            r = fpgrad.forward.get_forward("anderson", tol=1e-5, max_iter=300).solve(m.step, dict(m.params), x, z0,
+                                                                                    check=False)
+        converged = float(r.converged.float().mean())
+        if best is None or converged > best[0]:
+            best = (converged, s, m, x, z0)
+        if converged == 1.0:
+            break
+    converged, s, m, x, z0 = best
     return Case(f"slot attention B={batch} N={inputs} D={dim} K={slots}", m.step, dict(m.params), x, z0,
-                {"map": "slot_attention", "batch": batch, "N": inputs, "D": dim, "K": slots})
+                {"map": "slot_attention", "batch": batch, "N": inputs, "D": dim, "K": slots, "seed": s,
+                 "fraction_converged_1e-5": converged})
 
 
 def tanh_case(n: int, batch: int, device: torch.device, seed: int, rho: float = 0.9) -> Case:
@@ -212,8 +229,9 @@ def _leaf(params: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
 
 
-def run_end_to_end(case: Case, s: Settings) -> list[dict]:
-    """One training step (forward to 1e-4, backward to 1e-4, loss 1/2 ||z* - t||^2) through each library."""
+def _end_to_end_runs(case: Case, s: Settings) -> dict[str, Callable[[], Tensor]]:
+    """method -> one training step (forward to 1e-4, backward to 1e-4, loss 1/2 ||z* - t||^2) returning the
+    flat gradient, through fpgrad (Implicit and OneStep) and, where installed, TorchDEQ and TorchOpt."""
     import fpgrad
     from fpgrad.estimators import Implicit, OneStep
     keys = sorted(case.params)
@@ -268,6 +286,12 @@ def run_end_to_end(case: Case, s: Settings) -> list[dict]:
             params = _leaf(case.params)
             return grads(loss_of(solve_fp(case.z0, *[params[k] for k in keys])), params)
         runs["torchopt: custom_root(anderson fwd, solve_normal_cg)"] = torchopt_run
+    return runs
+
+
+def run_end_to_end(case: Case, s: Settings) -> list[dict]:
+    """One training step (forward to 1e-4, backward to 1e-4, loss 1/2 ||z* - t||^2) through each library."""
+    runs = _end_to_end_runs(case, s)
     reference = None
     rows = []
     for name, run in runs.items():
@@ -280,6 +304,47 @@ def run_end_to_end(case: Case, s: Settings) -> list[dict]:
         reference = flat if reference is None else reference
         rows.append({"map": case.name, "method": name, "library": name.split(":")[0],
                      "difference_to_fpgrad_implicit": relative_error(flat, reference), **timed(run, s)})
+    return rows
+
+
+def _device_self_time(event: Any) -> float:
+    """An averaged profiler event's self time on the device in microseconds (the attribute's name changed
+    across torch versions)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name) or 0.0)
+    return 0.0
+
+
+def run_profile(case: Case, s: Settings, top: int = 15) -> list[dict]:
+    """Where the end-to-end time goes: torch.profiler over one training step of fpgrad's Implicit and of
+    TorchDEQ's IFT (after a warm-up): operator and kernel counts, device and host time, the top operators by
+    device self time (CUDA) or host self time (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    runs = {k: v for k, v in _end_to_end_runs(case, s).items() if "Implicit" in k or k.startswith("torchdeq")}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    rows = []
+    for name, run in runs.items():
+        with C.quiet():
+            run()
+            _sync(s.device)
+            with profile(activities=activities) as prof:
+                run()
+                _sync(s.device)
+        events = prof.key_averages()
+        dev = _device_self_time
+        kernels = sum(e.count for e in events if dev(e) > 0 and not e.key.startswith(("aten::", "cuda")))
+
+        def top_by(key, events=events, dev=dev):
+            return [{"op": e.key[:80], "count": e.count, "device_self_ms": dev(e) / 1e3,
+                     "host_self_ms": e.self_cpu_time_total / 1e3}
+                    for e in sorted(events, key=key, reverse=True)[:top]]
+        rows.append({"map": case.name, "method": name,
+                     "aten_ops": sum(e.count for e in events if e.key.startswith("aten::")),
+                     "device_kernels": kernels, "device_self_ms": sum(dev(e) for e in events) / 1e3,
+                     "host_self_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+                     "top": top_by(dev if s.device.type == "cuda" else (lambda e: e.self_cpu_time_total)),
+                     "top_host": top_by(lambda e: e.self_cpu_time_total)})
     return rows
 
 
@@ -434,6 +499,11 @@ def readme(results: dict[str, Any], meta: dict[str, Any]) -> str:
                               "seconds": f(r["seconds_median"])}),
         "syncs": (["map", "loop", "library", "solver", "syncs / iteration", "syncs / call"],
                   lambda r: {**r, "syncs / iteration": f(r["per_iteration"]), "syncs / call": f(r["per_call"])}),
+        "profile": (["map", "method", "aten ops", "device kernels", "device self ms", "host self ms",
+                     "top operators"],
+                    lambda r: {**r, "aten ops": r["aten_ops"], "device kernels": r["device_kernels"],
+                               "device self ms": f(r["device_self_ms"]), "host self ms": f(r["host_self_ms"]),
+                               "top operators": ", ".join(f"{t['op']} x{t['count']}" for t in r["top"][:5])}),
         "check_every": (["map", "loop", "solver", "check every", "iterations / VJPs", "relative residual",
                          "seconds"],
                         lambda r: {**r, "check every": f"{r['check_every']}{' (default)' if r['default'] else ''}",
@@ -556,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else C.REPORTS / "gpu" / ("dry-run" if dry else "")
     sections = [n for n in (args.only or SECTIONS) if not (n == "tests" and args.skip_tests)]
     runners = {"forward": run_forward, "adjoint": run_adjoint, "end_to_end": run_end_to_end, "memory": run_memory,
-               "syncs": run_syncs, "check_every": run_check_every}
+               "syncs": run_syncs, "check_every": run_check_every, "profile": run_profile}
     results: dict[str, Any] = {}
     skipped: list[str] = []
     the_cases = cases(s, args.seed)

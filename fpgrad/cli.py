@@ -77,6 +77,10 @@ def _torch_setup(args):
         raise UsageError(f"--device {args.device!r} is not a device torch knows ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UsageError(f"--device {args.device}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                         f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); use one of those or --device cpu")
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise UsageError(f"--device {args.device}: use cpu or cuda[:N]")
     return dtype, device

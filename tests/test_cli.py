@@ -134,6 +134,18 @@ def test_bad_arguments_exit_2_with_a_message_and_leave_no_folder(tmp_path, capsy
     assert not out.exists() and not any(tmp_path.iterdir())
 
 
+def test_a_cuda_ordinal_past_the_machines_devices_is_named(tmp_path, capsys, monkeypatch):
+    # found on a one-GPU machine: --device cuda:7 reached torch's raw "invalid device ordinal" from deep inside
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    from fpgrad.cli import main
+    assert main(["report", "spectral", "--device", "cuda:7", "--no-gradients", "--quiet",
+                 "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda:7: this machine has 1 CUDA device (cuda:0)" in err and "--device cpu" in err
+    assert not (tmp_path / "rep").exists()
+
+
 def test_bad_argument_in_a_subprocess_gives_no_traceback(tmp_path):
     r = fpgrad_cli("report", "spectral", "--map", "nonsense", "--out", str(tmp_path / "rep"))
     assert r.returncode == 2 and "fpgrad: error: --map 'nonsense'" in r.stderr and "Traceback" not in r.stderr

@@ -146,3 +146,9 @@ def test_cases_left_after_the_budget_are_marked_skipped(tmp_path):
     cases = gpu.cases(s, 0)
     rows = gpu._run_section("memory", gpu.run_memory, cases, s, started=0.0, budget=-1.0)
     assert rows == [{"map": c.name, "skipped_for_time": True} for c in cases]
+
+
+def test_dry_run_profiles_fpgrad_and_torchdeq_end_to_end(dry_run):
+    rows = dry_run[1]["profile"]["results"]
+    assert rows and all(r["aten_ops"] > 0 and r["host_self_ms"] > 0 and r["top"] for r in rows)
+    assert any("Implicit" in r["method"] for r in rows)
