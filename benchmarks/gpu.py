@@ -477,11 +477,19 @@ def readme(results: dict[str, Any], meta: dict[str, Any]) -> str:
              f"`{meta['command']}`, {meta['date']}, {meta['seconds']:.0f} s, float32, tolerance {TOL:g}"
              f"{', torch ' + meta['torch'] if meta.get('torch') else ''}"
              f"{', CUDA ' + meta['cuda'] if meta.get('cuda') else ''}.", ""]
-    if meta.get("skipped_for_time"):
+    if meta.get("runs"):
+        parts[-2] = f"float32, tolerance {TOL:g}; the sections come from {len(meta['runs'])} runs:"
+        parts += [f"- `{r['command']}`, {r['date']}, {r['seconds']} s: {', '.join(r['sections'])}"
+                  for r in meta["runs"]] + [""]
+    elif meta.get("skipped_for_time"):
         parts += [f"Sections skipped when the time budget was spent: {', '.join(meta['skipped_for_time'])}.", ""]
     if "tests" in results:
-        parts += ["### Tests", "", markdown_table([{"suite": k, **v} for k, v in results["tests"].items()],
-                                                  ["suite", "status", "command"]), ""]
+        parts += ["### Tests", "", markdown_table(
+            [{"suite": k, **v, "result": (v.get("summary") or [""])[-1].strip("= ")}
+             for k, v in results["tests"].items()], ["suite", "status", "result", "command"]), ""]
+        failed = [line for v in results["tests"].values() for line in v.get("summary") or []
+                  if line.startswith(("FAILED", "ERROR"))]
+        parts += [f"- {line}" for line in failed] + ([""] if failed else [])
     tables = {
         "forward": (["map", "library", "solver", "relative residual", "seconds", "peak"],
                     lambda r: {**r, "relative residual": f(r["relative_residual"]), "seconds": f(r["seconds_median"]),
@@ -587,15 +595,18 @@ def _run_section(name: str, runner: Callable, the_cases: list[Case], s: Settings
 def readme_from(folder: Path) -> str:
     """Rewrite folder/README.md from the section JSON files stored there (nothing is rerun)."""
     from fpgrad.report import atomic_write_text
-    results, meta = {}, None
+    results, meta, runs = {}, None, {}
     for name in SECTIONS:
         path = folder / f"{name}.json"
         if path.exists():
             data = json.loads(path.read_text(encoding="utf-8"))
             results[name] = data["results"]
             meta = meta or {k: v for k, v in data.items() if k not in ("section", "results")}
+            runs.setdefault((data["command"], data["date"], round(data["seconds"])), []).append(name)
     if meta is None:
         raise SystemExit(f"benchmarks.gpu --readme-from: no section JSON in {folder}; run python -m benchmarks.gpu")
+    if len(runs) > 1:               # sections stored from several runs (a lease too short for one run of all)
+        meta["runs"] = [{"command": c, "date": d, "seconds": t, "sections": names} for (c, d, t), names in runs.items()]
     atomic_write_text(folder / "README.md", readme(results, meta) + "\n")
     return str(folder / "README.md")
 

@@ -367,7 +367,29 @@ def render(out_dir: Path) -> str:
     section = float32_section(out_dir)
     if section:
         lines += ([""] if lines[-1] != "" else []) + section
+    section = gpu_section(out_dir)
+    if section:
+        lines += ([""] if lines[-1] != "" else []) + section
     return "\n".join(lines).rstrip() + "\n"
+
+
+def gpu_section(out_dir: Path) -> list[str]:
+    """'## GPU': the reading (gpu/NOTES.md) and the end-to-end target lines of the stored GPU check
+    (gpu/*.json, written by `python -m benchmarks.gpu` on a CUDA machine); empty when none is stored."""
+    folder = out_dir / "gpu"
+    path = folder / "end_to_end.json"
+    if not path.exists():
+        return []
+    from benchmarks.gpu import end_to_end_target
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = [r for r in data["results"] if "error" not in r and not r.get("skipped_for_time")]
+    lines = ["## GPU", "", f"`python -m benchmarks.gpu` on {data['device']} (float32, tolerance "
+             f"{data['tolerance']:g}); every table in [gpu/README.md](gpu/README.md).", "", end_to_end_target(rows), ""]
+    notes = folder / "NOTES.md"
+    if notes.exists():
+        lines += ["#" + line if line.startswith("## ") else line
+                  for line in notes.read_text(encoding="utf-8").rstrip().splitlines()]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

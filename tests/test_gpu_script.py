@@ -152,3 +152,16 @@ def test_dry_run_profiles_fpgrad_and_torchdeq_end_to_end(dry_run):
     rows = dry_run[1]["profile"]["results"]
     assert rows and all(r["aten_ops"] > 0 and r["host_self_ms"] > 0 and r["top"] for r in rows)
     assert any("Implicit" in r["method"] for r in rows)
+
+
+def test_benchmarks_readme_gains_a_gpu_section_from_the_stored_run(dry_run, tmp_path):
+    from benchmarks.targets import gpu_section
+    assert gpu_section(tmp_path) == []                     # no GPU run stored: no section
+    out, _ = dry_run
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "end_to_end.json").write_text((out / "end_to_end.json").read_text())
+    (tmp_path / "gpu" / "NOTES.md").write_text("## Reading\n\nthe numbers say\n")
+    lines = gpu_section(tmp_path)
+    assert lines[0] == "## GPU" and "### Reading" in lines and "the numbers say" in lines
+    if any(r["library"] == "torchdeq" for r in json.loads((out / "end_to_end.json").read_text())["results"]):
+        assert any("ratio" in line for line in lines)
