@@ -95,8 +95,7 @@ def fixed_point(step: Callable, params: Mapping[str, Tensor], x: Tensor, z0: Ten
     estimator.check_forward(solver)
     record = CostRecord() if record is None else record
     params = dict(params)
-    if check and not torch._C._functorch.is_functorch_wrapped_tensor(z0) \
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if check:       # (under torch.func transforms: shapes, dtypes and devices; values are read below vmap)
         check_inputs(params, z0, x, where="fixed_point")
     if batched is None:
         batched = _infer_batched(x, z0)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import fpgrad
-from fpgrad.errors import ConfigError, ConvergenceWarning, DeviceError, DTypeError, NotAMapError, ShapeError
+from fpgrad.errors import (ConfigError, ConvergenceWarning, DeviceError, DTypeError, NonFiniteError, NotAMapError,
+                           ShapeError)
 from fpgrad.estimators import Neumann, Unrolled
 
 
@@ -46,6 +47,41 @@ def test_vmap_over_params_through_fixed_point_with_the_default_check():
 
     out = torch.func.vmap(total)(torch.stack([B, 2 * B]))
     torch.testing.assert_close(out, torch.stack([2 * x.sum(), 4 * x.sum()]))     # z* = (I - A)^-1 B x
+
+
+def _vmapped_tanh_solve(x, z0_dtype=torch.float64, step=None):
+    m = fpgrad.maps.tanh_rnn(n=4, spectral_radius=0.5, seed=0)
+    step = step or m.step
+
+    def one_call(xi):
+        return fpgrad.fixed_point(step, m.params, xi, torch.zeros(2, 4, dtype=z0_dtype))
+    return torch.func.vmap(one_call)(x)
+
+
+def test_nan_input_under_vmap_is_named_by_vmapped_call_and_sample_not_blamed_on_the_map():
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    x[1, 1, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"under vmap: x contains NaN/Inf in \(vmapped call, sample\) "
+                                             r"\[\(1, 1\)\]; fpgrad needs finite inputs"):
+        _vmapped_tanh_solve(x)
+    x[1, 1, 0] = 0.0
+    assert _vmapped_tanh_solve(x).shape == (3, 2, 4)
+
+
+def test_nan_made_by_the_map_under_vmap_is_reported_with_unfolded_indices():
+    m = fpgrad.maps.tanh_rnn(n=4, spectral_radius=0.5, seed=0)
+
+    def step(p, z, x):          # NaN wherever x's first feature is negative: the map's own doing
+        return m.step(p, z, x) + torch.sqrt(x[..., :1]) * 0
+    x = torch.rand(3, 2, 4, dtype=torch.float64)
+    x[2, 0, 0] = -1.0
+    with pytest.raises(NonFiniteError, match=r"iteration 0 in \(vmapped call, sample\) \[\(2, 0\)\]"):
+        _vmapped_tanh_solve(x, step=step)
+
+
+def test_dtype_mismatch_under_vmap_is_a_named_dtype_error():
+    with pytest.raises(DTypeError, match=r"fixed_point: x has dtype torch.float32 but z has torch.float64"):
+        _vmapped_tanh_solve(torch.randn(3, 2, 4))
 
 
 class Cell(nn.Module):

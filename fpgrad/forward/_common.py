@@ -231,10 +231,12 @@ class ForwardSolver:
                 raise self._nonfinite(it, samples)
 
     def _nonfinite(self, it: int, samples: list[int]) -> NonFiniteError:
-        return NonFiniteError(
+        err = NonFiniteError(
             f"fpgrad.solve(method='{self.name}'): NaN/Inf appeared at iteration {it} in sample(s) "
             f"{samples[:10]}; the map overflowed: check its inputs and parameters, add damping, "
             f"or use method='iterate'")
+        err.samples, err.iteration = samples, it       # (read by the vmap rule, which unfolds the indices)
+        return err
 
     def _raise_recorded_nonfinite(self, first_bad: Tensor) -> None:
         """Raise for the samples whose recorded first NaN/Inf iteration is set (check_every > 1)."""

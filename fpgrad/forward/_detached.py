@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from ..errors import NonFiniteError
 from ._common import ForwardSolver
 
 
@@ -35,8 +36,33 @@ def fold_vmap(fn, info, in_dims, static: tuple, x: Tensor, z0: Tensor, params: t
     b = z0.shape[1]
     if x.shape[1] != b:
         raise ValueError(f"fixed_point under vmap: x has per-call batch {x.shape[1]} but z0 has {b}")
-    out = fn.apply(*static, x.reshape(V * b, *x.shape[2:]), z0.reshape(V * b, *z0.shape[2:]), *params)
+    for name, t in (("x", x), ("z0", z0)):
+        _check_finite_unfolded(name, t)
+    try:
+        out = fn.apply(*static, x.reshape(V * b, *x.shape[2:]), z0.reshape(V * b, *z0.shape[2:]), *params)
+    except NonFiniteError as err:
+        if getattr(err, "samples", None) is None:
+            raise
+        raise NonFiniteError(str(err).replace(
+            f"in sample(s) {err.samples[:10]}", f"in (vmapped call, sample) {_unfold(err.samples, b)[:10]}")) from None
     return out.reshape(V, b, *out.shape[1:]), 0
+
+
+def _unfold(samples: list[int], b: int) -> list[tuple[int, int]]:
+    """Folded batch indices (vmapped call * b + sample) back to (vmapped call, sample within the call)."""
+    return [divmod(int(s), b) for s in samples]
+
+
+def _check_finite_unfolded(name: str, t: Tensor) -> None:
+    """Name NaN/Inf in a vmapped input [V, b, ...] by (vmapped call, sample) before the folded solve would blame
+    the map for it (the values are readable here, one level below vmap, unless an outer transform wraps them)."""
+    if not t.is_floating_point() or _wrapped(t) or t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return
+    bad = ~torch.isfinite(t.reshape(t.shape[0] * t.shape[1], -1)).all(dim=1)
+    if bool(bad.any()):
+        pairs = _unfold(bad.nonzero().squeeze(1).tolist(), t.shape[1])
+        raise NonFiniteError(f"fixed_point under vmap: {name} contains NaN/Inf in (vmapped call, sample) "
+                             f"{pairs[:10]}{' ...' if len(pairs) > 10 else ''}; fpgrad needs finite inputs")
 
 
 def run_forward(step, forward: ForwardSolver, keys: tuple[str, ...], record: Any, x: Tensor, z0: Tensor,
