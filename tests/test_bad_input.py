@@ -343,3 +343,31 @@ def test_nan_made_by_the_operator_is_not_blamed_on_the_spectral_radius():
     def growing(v):                               # finite everywhere: no such claim
         return 0.5 * v
     assert "operator itself" not in GMRES(tol=1e-10).solve(growing, b).message
+
+
+class CellWithSpares(nn.Module):
+    """`unused` never reaches the output; `zeroed` does, times zero (a gradient of exactly zero, not None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4, dtype=torch.float64)
+        self.unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+        self.zeroed = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+    def forward(self, z, x):
+        return 0.5 * torch.tanh(self.lin(z) + x + 0.0 * self.zeroed)
+
+
+@pytest.mark.parametrize("estimator", ["implicit", "neumann", "one_step", "unrolled"])
+def test_a_parameter_the_step_never_uses_gets_none_from_every_estimator(estimator):
+    """As autograd does: an optimiser then leaves it alone (Implicit's torch.func pullback gave zeros)."""
+    est = {"implicit": fpgrad.estimators.Implicit(), "neumann": Neumann(8), "one_step": fpgrad.estimators.OneStep(),
+           "unrolled": Unrolled(5)}[estimator]
+    cell = CellWithSpares()
+    m = fpgrad.maps.from_module(cell)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    z = fpgrad.fixed_point(m.step, m.params, x, torch.zeros(2, 4, dtype=torch.float64), backward=est)
+    z.square().sum().backward()
+    assert cell.unused.grad is None
+    assert cell.zeroed.grad is not None and bool((cell.zeroed.grad == 0).all())
+    assert cell.lin.weight.grad is not None and float(cell.lin.weight.grad.abs().max()) > 0

@@ -41,12 +41,40 @@ class _FixedPointFunction(torch.autograd.Function):
         # z* does not depend on z0: its gradient is exactly zero (filled so that an initialisation's
         # parameters get a .grad of zero rather than None)
         grad_z0 = torch.zeros_like(z) if ctx.needs_input_grad[6] else None
-        return (None, None, None, None, None, grads[0], grad_z0, *grads[1:])
+        grad_params = _none_for_unused(ctx.step, ctx.keys, param_values, z, x, list(grads[1:]),
+                                       ctx.needs_input_grad[7:])
+        return (None, None, None, None, None, grads[0], grad_z0, *grad_params)
 
     @staticmethod
     def vmap(info, in_dims, step, forward, estimator, keys, record, x, z0, *param_values):
         return fold_vmap(_FixedPointFunction, info, in_dims, (step, forward, estimator, keys, record),
                          x, z0, param_values)
+
+
+def _none_for_unused(step, keys, param_values, z: Tensor, x: Tensor, grads: list, needed) -> list:
+    """The adjoint pullback (a torch.func VJP) gives zeros for a parameter the step never uses, where autograd,
+    and fpgrad's taped estimators, give None (an optimiser then leaves it alone instead of stepping it on a
+    zero gradient). When some needed gradient is exactly zero (one reduction, one host sync), one probe of the
+    step under autograd tells unused parameters from used ones whose gradient happens to be zero. Skipped
+    under torch.func transforms (no value-dependent control flow there)."""
+    wanted = [i for i, (g, need) in enumerate(zip(grads, needed)) if need and g is not None]
+    tensors = [grads[i] for i in wanted] + [z, x, *param_values]
+    if not wanted or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors if t is not None):
+        return grads
+    peaks = torch.stack([grads[i].detach().abs().amax() if grads[i].numel() else grads[i].new_zeros(())
+                         for i in wanted])
+    zero = [i for i, flag in zip(wanted, (peaks == 0).tolist()) if flag]
+    if not zero:
+        return grads
+    with torch.enable_grad():
+        leaves = {k: v.detach().requires_grad_(i in zero) for i, (k, v) in enumerate(zip(keys, param_values))}
+        out = step(leaves, z.detach(), None if x is None else x.detach())
+        probe = ([None] * len(zero) if not out.requires_grad else     # none of them reaches the output
+                 torch.autograd.grad(out, [leaves[keys[i]] for i in zero], torch.ones_like(out), allow_unused=True))
+    for i, g in zip(zero, probe):
+        if g is None:
+            grads[i] = None
+    return grads
 
 
 class _AdjointPullback(torch.autograd.Function):
