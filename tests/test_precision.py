@@ -120,3 +120,21 @@ def test_solve_default_tolerance_follows_the_dtype(dtype, tol):
     assert fpgrad.forward.default_tolerance(dtype) == tol
     assert bool(sol.converged.all()) and float(sol.relative_residual.max()) <= tol
     assert fpgrad.forward.get_forward("anderson").tol is None         # resolved per call, from the state's dtype
+
+
+@pytest.mark.parametrize("method, seed, n, rho, memory", [("anderson", 2, 8, 0.5, 5), ("anderson", 2, 8, 0.5, 10),
+                                                          ("anderson", 4, 64, 0.99, 5), ("broyden", 5, 64, 0.99, 5)])
+def test_quasi_newton_at_the_half_precision_floor_stagnates_instead_of_a_nan_blamed_on_the_map(method, seed, n,
+                                                                                                rho, memory):
+    """float16, tol 0 (unreachable): the mixing of a degenerate history overflowed (NaN at iterations 19-86,
+    reported as 'the map overflowed' for a tanh map that cannot overflow); now that sample takes the plain step
+    and restarts, and the solve ends at its round-off floor."""
+    import warnings
+    m = fpgrad.maps.tanh_rnn(n=n, spectral_radius=rho, seed=seed, dtype=torch.float16)
+    x = (3 * torch.randn(8, n, generator=torch.Generator().manual_seed(seed))).half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = fpgrad.solve(m, x, z0=torch.zeros(8, n, dtype=torch.float16), method=method, tol=0.0, max_iter=200,
+                         memory=memory)
+    assert bool(torch.isfinite(r.z).all())
+    assert float(r.relative_residual.max()) < 0.05             # at the fp16 floor, not lost

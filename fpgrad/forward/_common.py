@@ -167,6 +167,13 @@ class ForwardSolver:
             proposal = self._propose(state, z, fz)
             if self.damping:
                 proposal = z + (1.0 - self.damping) * (proposal - z)
+            broke = None
+            if self.restarts:
+                # quasi-Newton mixing can overflow on its own (half precision at the round-off floor, where the
+                # history is degenerate): such a sample takes the plain step f(z) instead and restarts its
+                # history, rather than a NaN blamed on the map (sums in float32: fp16 rows can sum past 65504)
+                broke = ~torch.isfinite(proposal.sum(dim=1, dtype=torch.float32))
+                proposal = torch.where(broke.unsqueeze(1), fz, proposal)
             if idx is None:
                 fz_new = f(proposal, None)
             else:
@@ -197,6 +204,8 @@ class ForwardSolver:
             # for `patience` steps, restarts from its best iterate with an empty history
             since_best = torch.where(better, torch.zeros_like(since_best), since_best + active.long())
             lost = active & ((res > self.restart_factor * best_res) | (since_best >= self.patience))
+            if broke is not None:
+                lost = lost | (active & broke)
             # (between host checks the restart is applied by mask: a no-op for the samples not lost)
             if self.restarts and (period > 1 or bool(lost.any())):
                 since_best = torch.where(lost, torch.zeros_like(since_best), since_best)
