@@ -156,12 +156,16 @@ def call_step(step, params: Mapping[str, Tensor], z: Tensor, x: Tensor | None, w
     return out
 
 
-def check_step_output(z: Tensor, z_next: Tensor, where: str = "fpgrad") -> None:
-    """A step must return a tensor of the state's shape and dtype."""
+def check_step_output(z: Tensor, z_next: Tensor, where: str = "fpgrad", call: int | None = None) -> None:
+    """A step must return a tensor of the state's shape and dtype (call: which evaluation, when not the first:
+    a step whose output changes shape on a later call is named at that call, not by torch's reshape)."""
     if not isinstance(z_next, Tensor):
-        raise TypeError(f"{where}: step returned {type(z_next).__name__}, expected a Tensor like z")
+        raise TypeError(f"{where}: step returned {type(z_next).__name__}, expected a Tensor like z"
+                        + (f" (on its call {call})" if call else ""))
     if z_next.shape != z.shape:
+        later = f" on its call {call} (earlier calls kept it)" if call and call > 1 else ""
         raise ShapeError(f"{where}: step changed the state's shape from {tuple(z.shape)} to "
-                         f"{tuple(z_next.shape)}; a fixed-point step must return a state of the input's shape")
+                         f"{tuple(z_next.shape)}{later}; a fixed-point step must return a state of the input's "
+                         "shape on every call")
     if z_next.dtype != z.dtype:
         raise DTypeError(f"{where}: step returned dtype {z_next.dtype} for a state of dtype {z.dtype}")

@@ -371,3 +371,27 @@ def test_a_parameter_the_step_never_uses_gets_none_from_every_estimator(estimato
     assert cell.unused.grad is None
     assert cell.zeroed.grad is not None and bool((cell.zeroed.grad == 0).all())
     assert cell.lin.weight.grad is not None and float(cell.lin.weight.grad.abs().max()) > 0
+
+
+def _shape_changing_step(after: int):
+    calls = {"n": 0}
+
+    def step(p, z, x):
+        calls["n"] += 1
+        out = 0.5 * torch.tanh(z @ p["W"] + x)
+        return out if calls["n"] <= after else out[..., :-1]
+    return step
+
+
+@pytest.mark.parametrize("estimator", ["implicit", "one_step", "unrolled"])
+@pytest.mark.parametrize("after", [0, 2])
+def test_a_step_that_changes_the_state_shape_is_named_on_whichever_call_it_does(estimator, after):
+    """On its first call, or a later one (torch's 'shape [2, 4] is invalid for input of size 6' before), in the
+    forward loop and on the tape (Unrolled: 'mat1 and mat2 shapes cannot be multiplied' before)."""
+    est = {"implicit": fpgrad.estimators.Implicit(), "one_step": fpgrad.estimators.OneStep(),
+           "unrolled": Unrolled(5)}[estimator]
+    p = {"W": torch.eye(4, dtype=torch.float64, requires_grad=True)}
+    x = torch.randn(2, 4, dtype=torch.float64)
+    match = r"step changed the state's shape from \(2, 4\) to \(2, 3\)" + (" on its call 3" if after else "")
+    with pytest.raises(ShapeError, match=match):
+        fpgrad.fixed_point(_shape_changing_step(after), p, x, torch.zeros(2, 4, dtype=torch.float64), backward=est)

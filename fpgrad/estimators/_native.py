@@ -10,14 +10,17 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from .._checks import check_step_output
 from ..errors import ConfigError
 from ..forward import Iterate, solve_detached
 from ._base import CostRecord, Estimator
 
 
 def _taped_steps(step, params, x, z: Tensor, steps: int, damping: float, record: CostRecord) -> Tensor:
-    for _ in range(steps):
+    for i in range(steps):
         f = step(params, z, x)
+        if not isinstance(f, Tensor) or f.shape != z.shape:       # shape only (autocast may change the dtype)
+            check_step_output(z, f, "fpgrad.fixed_point (taped steps)", call=i + 1)
         z = f if damping == 0.0 else damping * z + (1.0 - damping) * f
     record.backward_steps += steps
     record.vjps += steps

@@ -39,8 +39,8 @@ class _BatchedStep:
         x = self.x if idx is None else self.x[idx]
         z = zf.reshape(zf.shape[0], *self.event_shape)
         out = self.step(self.params, z, x)
-        if self.evaluations == 1:
-            check_step_output(z, out, "fpgrad.solve")
+        if self.evaluations == 1 or not isinstance(out, Tensor) or out.shape != z.shape:
+            check_step_output(z, out, "fpgrad.solve", call=self.evaluations)
         return out.reshape(zf.shape)
 
 
