@@ -94,9 +94,9 @@ def _exact_run(method: str, k: int):
 def test_syncs_per_iteration_fall_with_the_check_period(method):
     every = syncs_per_iteration(_exact_run(method, 1), "cpu", low=8, high=24)["per_iteration"]
     sparse = syncs_per_iteration(_exact_run(method, 8), "cpu", low=8, high=24)["per_iteration"]
-    assert every >= 2                                      # converged? all active? finite? (and lost? with restarts)
+    assert every >= 1.5                     # how many are active (one sum)? finite? (and lost? with restarts)
     assert sparse <= 0.5
-    assert sparse <= every / 4
+    assert sparse <= every / 3
 
 
 def test_default_period_is_one_on_the_cpu_and_eight_on_cuda():

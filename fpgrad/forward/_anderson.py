@@ -11,6 +11,16 @@ from ._broyden import LowRankInverse
 from ._common import ForwardSolver
 
 
+def _constants(state: dict, m: int, B: int, device, regularization: float) -> tuple[Tensor, Tensor]:
+    """regularization * I [m, m] and ones [B, m, 1] in float64, made once per history length and kept in the
+    solve's state (each would be a kernel per iteration)."""
+    cache = state.setdefault("constants", {})
+    if m not in cache:
+        cache[m] = (regularization * torch.eye(m, dtype=torch.float64, device=device),
+                    torch.ones(B, m, 1, dtype=torch.float64, device=device))
+    return cache[m]
+
+
 @dataclass(frozen=True)
 class Anderson(ForwardSolver):
     """Anderson acceleration with memory `memory`.
@@ -45,10 +55,11 @@ class Anderson(ForwardSolver):
         # regularised Gram matrix can be numerically singular
         H = (G @ G.transpose(1, 2)).double()                             # [B, m, m]
         scale = H.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-        eye = torch.eye(m, dtype=torch.float64, device=z.device)
-        H = H / scale[:, None, None] + self.regularization * eye
-        ones = torch.ones(z.shape[0], m, 1, dtype=torch.float64, device=z.device)
-        w = torch.linalg.solve(H, ones)                                  # [B, m, 1]
+        eye, ones = _constants(state, m, z.shape[0], z.device, self.regularization)
+        H = H / scale[:, None, None] + eye
+        # solve_ex without its error check: no host sync; a singular system gives non-finite weights, and the
+        # loop then takes the plain step for that sample and restarts its history
+        w = torch.linalg.solve_ex(H, ones, check_errors=False)[0]        # [B, m, 1]
         alpha = w / w.sum(dim=1, keepdim=True)
         alpha = torch.nan_to_num(alpha, nan=0.0).to(z.dtype)
         return (alpha.transpose(1, 2) @ F).squeeze(1)

@@ -138,6 +138,10 @@ class ForwardSolver:
         return check_period(self.check_every, device, self.name)
 
     def _loop(self, step, params, x, z0: Tensor) -> FixedPoint:
+        # Each line below is a kernel per iteration on a GPU, where small maps are bound by launches: the
+        # bookkeeping is kept to what the per-sample flags need (no clones of tensors only ever rebound, one
+        # finiteness test on the step's difference, ||best f|| tracked rather than recomputed, the restart
+        # safeguard only for the methods that restart).
         B = z0.shape[0]
         f = _BatchedStep(step, params, x, z0.shape[1:])
         z = z0.reshape(B, math.prod(z0.shape[1:]))         # (not -1: B may be 0)
@@ -145,13 +149,17 @@ class ForwardSolver:
         self._check_finite(torch.ones(B, dtype=torch.bool, device=z.device), 0, fz)
         res = (fz - z).norm(dim=1)
         ref = fz.norm(dim=1)
+        tiny = torch.finfo(z.dtype).tiny
         converged = (res <= self.atol + self.tol * ref) & torch.isfinite(res)   # inf <= tol * inf is no stop
-        best_z, best_fz, best_res = z.clone(), fz.clone(), res.clone()
-        best_rel = res / (ref + torch.finfo(z.dtype).tiny)
+        best_z, best_fz, best_res, best_ref = z.clone(), fz.clone(), res, ref
         steps = torch.ones(B, dtype=torch.long, device=z.device)
-        trace, rel_trace = [res.clone()], [best_rel.clone()]
+        # best residual and ||f|| of each iteration; the relative trace is divided once at the end (never
+        # modified in place: every update rebinds)
+        trace, ref_trace = [res], [ref]
+        inf = torch.tensor(float("inf"), dtype=z.dtype, device=z.device)
         state = self._init(z, fz)
         since_best = torch.zeros(B, dtype=torch.long, device=z.device)
+        zero = torch.zeros((), dtype=torch.long, device=z.device)
         period = self.check_period(z.device)
         # with period > 1: the iteration at which each sample first held a NaN/Inf (-1: never), read at a check
         first_bad = torch.full((B,), -1, dtype=torch.long, device=z.device) if period > 1 else None
@@ -161,9 +169,10 @@ class ForwardSolver:
             if period == 1 or (it - 1) % period == 0:      # the host check: the only syncs of the iteration
                 if first_bad is not None:
                     self._raise_recorded_nonfinite(first_bad)
-                if not bool(active.any()):
+                n_active = int(active.sum())
+                if n_active == 0:
                     break
-                idx = None if bool(active.all()) else active.nonzero().squeeze(1)
+                idx = None if n_active == B else active.nonzero().squeeze(1)
             proposal = self._propose(state, z, fz)
             if self.damping:
                 proposal = z + (1.0 - self.damping) * (proposal - z)
@@ -179,55 +188,58 @@ class ForwardSolver:
             else:
                 fz_new = fz.clone()
                 fz_new[idx] = f(proposal[idx], idx)
+            diff = fz_new - proposal
+            # a NaN/Inf in an active row of the proposal or of f(proposal) leaves one in its difference
+            bad = active & ~torch.isfinite(diff).all(dim=1)
             if first_bad is None:
-                self._check_finite(active, it, proposal, fz_new)
+                if bool(bad.any()):
+                    self._check_finite(active, it, proposal, fz_new)      # names the samples (exact test)
             else:
-                bad = active & ~(torch.isfinite(proposal).all(dim=1) & torch.isfinite(fz_new).all(dim=1))
                 first_bad = torch.where(bad & (first_bad < 0), it, first_bad)
             state = self._update(state, z, fz, proposal, fz_new, active)
             a = active.unsqueeze(1)
             z = torch.where(a, proposal, z)
             fz = torch.where(a, fz_new, fz)
-            res_new = (fz - z).norm(dim=1)
-            ref = fz.norm(dim=1)
-            res = torch.where(active, res_new, res)
+            res = torch.where(active, diff.norm(dim=1), res)
             better = active & (res < best_res) if self.return_best else active
-            best_z = torch.where(better.unsqueeze(1), z, best_z)
-            best_fz = torch.where(better.unsqueeze(1), fz, best_fz)
-            best_rel = torch.where(better, res / (ref + torch.finfo(z.dtype).tiny), best_rel)
+            b = better.unsqueeze(1)
+            best_z = torch.where(b, z, best_z)
+            best_fz = torch.where(b, fz, best_fz)
             best_res = torch.where(better, res, best_res)
-            steps = steps + active.long()
-            # the flag describes the returned (best) iterate, never a transient one
-            converged = converged | (active & (best_res <= self.atol + self.tol * best_fz.norm(dim=1))
-                                     & torch.isfinite(best_res))
-            # safeguard for quasi-Newton methods: a sample whose residual blew up, or that made no progress
-            # for `patience` steps, restarts from its best iterate with an empty history
-            since_best = torch.where(better, torch.zeros_like(since_best), since_best + active.long())
-            lost = active & ((res > self.restart_factor * best_res) | (since_best >= self.patience))
-            if broke is not None:
-                lost = lost | (active & broke)
-            # (between host checks the restart is applied by mask: a no-op for the samples not lost)
-            if self.restarts and (period > 1 or bool(lost.any())):
-                since_best = torch.where(lost, torch.zeros_like(since_best), since_best)
-                z = torch.where(lost.unsqueeze(1), best_z, z)
-                fz = torch.where(lost.unsqueeze(1), best_fz, fz)
-                res = torch.where(lost, best_res, res)
-                state = self._restart(state, z, fz, lost)
-            trace.append(best_res.clone())
-            rel_trace.append(best_rel.clone())
+            best_ref = torch.where(better, fz_new.norm(dim=1), best_ref)
+            steps += active
+            # the flag describes the returned (best) iterate, never a transient one (best_res < inf: finite,
+            # as NaN < inf is False)
+            converged = converged | (active & (best_res <= self.atol + self.tol * best_ref) & (best_res < inf))
+            if self.restarts:
+                # safeguard for quasi-Newton methods: a sample whose residual blew up, or that made no progress
+                # for `patience` steps, restarts from its best iterate with an empty history
+                since_best = torch.where(better, zero, since_best + active)
+                lost = active & ((res > self.restart_factor * best_res) | (since_best >= self.patience) | broke)
+                # (between host checks the restart is applied by mask: a no-op for the samples not lost)
+                if period > 1 or bool(lost.any()):
+                    since_best = torch.where(lost, zero, since_best)
+                    z = torch.where(lost.unsqueeze(1), best_z, z)
+                    fz = torch.where(lost.unsqueeze(1), best_fz, fz)
+                    res = torch.where(lost, best_res, res)
+                    state = self._restart(state, z, fz, lost)
+            trace.append(best_res)
+            ref_trace.append(best_ref)
         if first_bad is not None:
             self._raise_recorded_nonfinite(first_bad)
             # the iterations run after the last sample converged add rows that check_every=1 does not
             used = int(steps.max()) if B else 1
-            trace, rel_trace = trace[:used], rel_trace[:used]
+            trace, ref_trace = trace[:used], ref_trace[:used]
         residuals = torch.stack(trace)
+        relative = residuals / (torch.stack(ref_trace) + tiny)
+        best_rel = relative[-1]
         message = self._message(residuals, converged, steps, best_rel)
         info = self._info(state)
         # a sample stopped at the round-off floor of its dtype stagnated; any other unconverged one hit max_iter
         floor = (best_rel <= 1e3 * torch.finfo(best_rel.dtype).eps) & (best_rel > self.tol)
         status = torch.where(converged, int(Status.CONVERGED),
                              torch.where(floor, int(Status.STAGNATED), int(Status.MAX_ITER))).long()
-        return FixedPoint(best_z.reshape(z0.shape), steps, residuals, converged, torch.stack(rel_trace),
+        return FixedPoint(best_z.reshape(z0.shape), steps, residuals, converged, relative,
                           self.name, message, f.evaluations, info, status, info.pop("inverse", None))
 
     def _check_finite(self, active: Tensor, it: int, *tensors: Tensor) -> None:
