@@ -50,6 +50,8 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
     cfg.update(arm=args.arm, steps=args.steps, weight=args.weight if args.arm == "penalty" else 0.0,
                target=args.target, probe_every=args.probe_every, ckpt_every=args.ckpt_every,
                power_iters=args.power_iters)
+    if args.squared:          # (only when set: runs stored before the option existed resume unchanged)
+        cfg["squared"] = True
     return cfg
 
 
@@ -136,7 +138,8 @@ def train(args: argparse.Namespace) -> Path:
                 loss = output.loss(images)
                 total = loss
                 if config["weight"] > 0:
-                    pen = spectral_penalty(model, state=state, target=config["target"], iters=config["power_iters"])
+                    pen = spectral_penalty(model, state=state, target=config["target"], iters=config["power_iters"],
+                                           squared=config.get("squared", False))
                     total = loss + config["weight"] * pen
                     row.update(penalty=float(pen.detach()), rho_est_max=float(state.last.max()),
                                rho_est_mean=float(state.last.mean()))
@@ -284,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight", type=float, default=1.0, help="penalty weight (arm penalty)")
     p.add_argument("--target", type=float, default=0.8, help="the penalty's target for rho(J)")
     p.add_argument("--power-iters", type=int, default=2, help="warm power steps a training step")
+    p.add_argument("--squared", action="store_true",
+                   help="squared hinge max(0, rho - target)^2: its gradient grows from zero as rho crosses the "
+                        "target, where the plain hinge's jumps to the full weight (the spikes at switch-on)")
     p.add_argument("--probe-every", type=int, default=20, help="steps between rho(J) at z* probes")
     p.add_argument("--ckpt-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
