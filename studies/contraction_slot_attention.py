@@ -204,14 +204,33 @@ def _row(arm: str, s: dict[str, Any]) -> str:
             f"{s['adjoint_unconverged']} | {s['step_seconds']:.2f} |")
 
 
+def variants(out: Path) -> list[Path]:
+    """The variant runs stored beside `out` (folders `variant_*` holding a penalty arm), in name order."""
+    return sorted(d for d in out.parent.glob("variant_*") if (d / "penalty" / "rows.jsonl").exists())
+
+
+def variant_label(folder: Path) -> str:
+    """A variant's settings as its stored configuration says (the last start event of its runs.jsonl)."""
+    from fpgrad.contraction import read_jsonl
+    starts = [r for r in read_jsonl(folder / "penalty" / "runs.jsonl") if r.get("event") == "start"] \
+        if (folder / "penalty" / "runs.jsonl").exists() else []
+    if not starts:
+        return folder.name
+    c = starts[-1]["config"]
+    return (f"penalty{' squared' if c.get('squared') else ''}, weight {c['weight']:g}, target {c['target']:g}, "
+            f"{c['power_iters']} power steps, seed {c['seed']} (`{folder.name}/`)")
+
+
 def table(out: Path) -> str:
-    """Per arm over all its steps, then (when both arms exist) over the steps both have done."""
+    """Per arm over all its steps (then the variant runs stored beside `out`), then (when both arms exist) over
+    the steps both have done."""
     from fpgrad.contraction import read_jsonl
     head = ["| arm | steps | rho(J) at z* logged | max rho(J) at z* | logged steps rho >= 1 | max rho(J) at z_T | "
             "spikes (>10x) | spikes (>5x) | max ratio | final loss (last 50) | adjoint capped | s / step |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     runs = {arm: read_jsonl(out / arm / "rows.jsonl") for arm in ARMS if (out / arm / "rows.jsonl").exists()}
     lines = head + [_row(arm, summary(rows)) for arm, rows in runs.items()]
+    lines += [_row(variant_label(v), summary(read_jsonl(v / "penalty" / "rows.jsonl"))) for v in variants(out)]
     lasts = [max((r["step"] for r in rows), default=-1) + 1 for rows in runs.values()]
     if len(runs) == 2 and min(lasts) < max(lasts):
         common = min(lasts)
@@ -258,11 +277,14 @@ shared 2-core machine (the seconds a step are wall time under that load).
 
 {trace}
 
+{findings}
 ## Reproduce / resume
 
     python -m studies.contraction_slot_attention --arm none
     python -m studies.contraction_slot_attention --arm penalty
-    python -m studies.contraction_slot_attention --report      # this file
+    python -m studies.contraction_slot_attention --arm penalty --weight 0.2 --target 0.7 --power-iters 4 \\
+        --out reports/contraction/variant_w0.2_t0.7_p4            # a variant: a row of the table above
+    python -m studies.contraction_slot_attention --report      # this file (the findings: FINDINGS.md beside it)
 
 A rerun resumes from the arm's checkpoint (reports/contraction/slot_attention/<arm>/ckpt.pt, every 20 steps);
 rows past it are redone.
@@ -277,7 +299,9 @@ def report(out: Path, target_steps: int = 1000) -> str:
     status = "Status: " + "; ".join(f"{arm} {n} of {target_steps} steps" for arm, n in done.items())
     if any(n < target_steps for n in done.values()):
         status += " (unfinished: the commands below resume them)"
-    return REPORT.format(status=status + ".", table=table(out), trace=rho_trace(out))
+    findings = out.parent / "FINDINGS.md"
+    text = findings.read_text(encoding="utf-8").rstrip() + "\n" if findings.exists() else ""
+    return REPORT.format(status=status + ".", table=table(out), trace=rho_trace(out), findings=text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 import fpgrad
-from fpgrad.errors import (ConfigError, ConvergenceWarning, DeviceError, DTypeError, NonFiniteError, NotAMapError,
-                           ShapeError)
+from fpgrad.errors import (
+    ConfigError,
+    ConvergenceWarning,
+    DeviceError,
+    DTypeError,
+    NonFiniteError,
+    NotAMapError,
+    ShapeError,
+)
 from fpgrad.estimators import Neumann, Unrolled
 
 

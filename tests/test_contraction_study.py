@@ -45,3 +45,18 @@ def test_summary_counts_spikes_and_rho_over_one():
     s = study.summary(rows)
     assert s["spikes"] == 1 and s["spikes5"] == 2 and s["max_ratio"] == 12.0
     assert s["max_rho_star"] == 1.2 and s["probes_rho_star_ge_1"] == 2 and s["first_rho_star_ge_1"] == 3
+
+
+def test_report_lists_the_variant_runs_beside_it_and_keeps_the_findings(tmp_path):
+    """Variant folders beside the main runs get a row labelled from their stored configuration (the squared
+    hinge included), and the hand-written FINDINGS.md is kept when --report rewrites the README."""
+    main, variant = tmp_path / "slot_attention", tmp_path / "variant_sq"
+    common = ["--quick", "--arm", "penalty", "--steps", "2", "--probe-every", "1"]
+    assert study.main([*common, "--out", str(main)]) == 0
+    assert study.main([*common, "--squared", "--weight", "0.5", "--target", "0.6", "--power-iters", "3",
+                       "--seed", "1", "--out", str(variant)]) == 0
+    (tmp_path / "FINDINGS.md").write_text("## Findings\n\nthe squared hinge helped\n")
+    assert study.main(["--out", str(main), "--report", "--steps", "2"]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "| penalty squared, weight 0.5, target 0.6, 3 power steps, seed 1 (`variant_sq/`) | 2 |" in text
+    assert "the squared hinge helped" in text and text.index("## Findings") < text.index("## Reproduce")
