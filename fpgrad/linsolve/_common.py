@@ -136,14 +136,14 @@ class _Run:
     def A(self, v: Tensor, active: Tensor | None = None) -> Tensor:
         """(I - M) v: one matvec. Rows outside `active` are fed zeros (and so come back zero)."""
         if active is not None:
-            v = torch.where(active.unsqueeze(1), v, torch.zeros_like(v))
+            v = torch.where(active.unsqueeze(1), v, 0)
         self.matvecs += 1
         return v - self._apply(self.M, v, "M")
 
     def AT(self, v: Tensor, active: Tensor | None = None) -> Tensor:
         """(I - M^T) v: one rmatvec."""
         if active is not None:
-            v = torch.where(active.unsqueeze(1), v, torch.zeros_like(v))
+            v = torch.where(active.unsqueeze(1), v, 0)
         self.rmatvecs += 1
         return v - self._apply(self.MT, v, "MT")
 
@@ -170,7 +170,7 @@ class _Run:
         `converge`); return those of `active` that still run."""
         code = torch.where(rel <= self.threshold, CONVERGED, RUNNING) if converge else RUNNING
         code = torch.where(rel > self.growth_limit, GROWTH, code)
-        code = torch.where(torch.isfinite(rel), code, NONFINITE)
+        code = torch.where(rel.abs() < math.inf, code, NONFINITE)        # (finite: NaN < inf is False)
         self.status = torch.where(active & (self.status == RUNNING), code, self.status)
         return active & (self.status == RUNNING)
 

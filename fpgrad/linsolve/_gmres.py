@@ -71,8 +71,9 @@ class GMRES(LinearSolver):
             basis = V[:, : j + 1]
             h, w, hn, lucky = orthogonalise(basis, w, eps)
             stepping = givens_column(Qt, R, h, hn, j, active)
-            V[:, j + 1] = torch.where((stepping & ~lucky).unsqueeze(1), w / safe(hn).unsqueeze(1), 0)
-            steps = steps + stepping.long()
+            extends = stepping & ~lucky          # (where not lucky hn > 0: dividing by it needs no guard)
+            V[:, j + 1] = torch.where(extends.unsqueeze(1), w / torch.where(extends, hn, 1).unsqueeze(1), 0)
+            steps += stepping
             rel = (beta * Qt[:, j + 1, 0].abs() / run.scale).to(run.rel.dtype)
             active = run.record(rel, active) & stepping & ~(rel <= run.threshold)
             k = j + 1
@@ -161,11 +162,11 @@ def orthogonalise(basis: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor,
     Returns (coefficients [B, j], the orthogonal remainder, its norm with 0 where the remainder vanished
     relative to w, and that "lucky" mask: the space is invariant, the solution exact)."""
     norm0 = w.norm(dim=1)
-    coef = torch.zeros(w.shape[0], basis.shape[1], dtype=w.dtype, device=w.device)
+    coef = None
     for _ in range(2):
         ci = torch.bmm(basis, w.unsqueeze(2)).squeeze(2)
         w = w - torch.bmm(ci.unsqueeze(1), basis).squeeze(1)
-        coef = coef + ci
+        coef = ci if coef is None else coef + ci
     hn = w.norm(dim=1)
     lucky = ~(hn > eps * norm0)
     return coef, w, torch.where(lucky, 0, hn), lucky
@@ -179,16 +180,31 @@ def givens_column(Qt: Tensor, R: Tensor, h: Tensor, hn: Tensor, j: int, active: 
     col = torch.bmm(Qt[:, : j + 2, : j + 2], column.unsqueeze(2)).squeeze(2)
     diag = torch.hypot(col[:, j], col[:, j + 1])
     stepping = active & (diag > 0)
-    cos = torch.where(stepping, col[:, j] / safe(diag), 1).unsqueeze(1)
-    sin = torch.where(stepping, col[:, j + 1] / safe(diag), 0).unsqueeze(1)
+    safe_diag = safe(diag)
+    cos = torch.where(stepping, col[:, j] / safe_diag, 1).unsqueeze(1)
+    sin = torch.where(stepping, col[:, j + 1] / safe_diag, 0).unsqueeze(1)
     col = torch.cat([col[:, :j], diag.unsqueeze(1)], 1)
-    unit = torch.zeros_like(col)
-    unit[:, j] = 1
+    # the identity column e_j for the samples that do not step (broadcast from a row of I: no kernel a step)
+    unit = _identity(j + 1, R.dtype, R.device)[j]
     R[:, : j + 1, j] = torch.where(stepping.unsqueeze(1), col, unit)
-    rows = Qt[:, j : j + 2, : j + 2].clone()
-    Qt[:, j, : j + 2] = cos * rows[:, 0] + sin * rows[:, 1]
-    Qt[:, j + 1, : j + 2] = cos * rows[:, 1] - sin * rows[:, 0]
+    top, bottom = Qt[:, j, : j + 2], Qt[:, j + 1, : j + 2]
+    new_top, new_bottom = cos * top + sin * bottom, cos * bottom - sin * top
+    Qt[:, j, : j + 2] = new_top
+    Qt[:, j + 1, : j + 2] = new_bottom
     return stepping
+
+
+_IDENTITIES: dict = {}
+
+
+def _identity(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """I [size, size] (cached per dtype and device, grown by doubling): its row j is e_j."""
+    key = (dtype, device)
+    eye = _IDENTITIES.get(key)
+    if eye is None or eye.shape[0] < size:
+        eye = torch.eye(max(size, 2 * (eye.shape[0] if eye is not None else 32)), dtype=dtype, device=device)
+        _IDENTITIES[key] = eye
+    return eye[:size, :size]
 
 
 def least_squares(Qt: Tensor, R: Tensor, beta: Tensor, steps: Tensor, k: int) -> Tensor:
