@@ -223,10 +223,11 @@ class ImplicitSlotAttention(nn.Module):
         differentiate by the tape, the slot initialisation (slots_mu, slots_log_sigma) when they detach the
         initial slots (one_step, truncated-K after a solve) or when the slots are passed in (`slots=`). The
         adjoint estimators (implicit, neumann-K, phantom-K) give every parameter a gradient (the
-        initialisation an exact zero). Not empty: DDP needs find_unused_parameters=True."""
+        initialisation an exact zero) unless the slots are passed in, when the initialisation is not used at
+        all and stays None, as autograd leaves it. Not empty: DDP needs find_unused_parameters=True."""
         est = get_estimator(self.backward_spec, iters=self.iters)
         if est.adjoint:
-            return []
+            return ["slots_mu", "slots_log_sigma"] if slots_given else []
         if slots_given or not est.reaches_initial_state:
             return ["slots_mu", "slots_log_sigma"]
         return []
