@@ -127,6 +127,9 @@ def frobenius_section(args, quick: bool):
             "step_seconds": timing, "torchdeq": have}
 
 
+SWEEP_ITERS = (4, 8, 16)        # warm power steps a training step, measured beside the trained-with 2
+
+
 def spectral_section(args, quick: bool):
     import fpgrad
     from fpgrad.contraction import ProductCount, SpectralState, dense_radius, spectral_penalty
@@ -137,6 +140,10 @@ def spectral_section(args, quick: bool):
     opt = torch.optim.Adam(params.values(), lr=1e-2)
     state = SpectralState(generator=torch.Generator().manual_seed(args.seed))
     norm_state = SpectralState(generator=torch.Generator().manual_seed(args.seed + 1))   # measured only
+    # the same estimate with more warm power steps, along the same trajectory (measured only, own warm states)
+    sweep = {k: SpectralState(generator=torch.Generator().manual_seed(args.seed + 10 + k)) for k in SWEEP_ITERS}
+    sweep_errors: dict[int, list[float]] = {k: [] for k in SWEEP_ITERS}
+    sweep_products: dict[int, int] = {}
     rows = []
     z0 = torch.zeros(B, n, dtype=C.DTYPE)
     for i in range(steps):
@@ -152,6 +159,12 @@ def spectral_section(args, quick: bool):
         sigma = dense_radius(m.step, frozen, z, x, kind="norm")
         with torch.no_grad():
             spectral_penalty(m.step, frozen, z, x, state=norm_state, kind="norm", iters=2)
+        for k, st in sweep.items():
+            counted = ProductCount()
+            with torch.no_grad():
+                spectral_penalty(m.step, frozen, z, x, state=st, iters=k, counter=counted)
+            sweep_errors[k].append(float(((st.last - rho).abs() / rho).max()))
+            sweep_products[k] = counted.vjps + counted.jvps
         est = state.last
         rows.append({"step": i, "estimate_max": float(est.max()), "dense_max": float(rho.max()),
                      "max_rel_error": float(((est - rho).abs() / rho).max()),
@@ -163,7 +176,9 @@ def spectral_section(args, quick: bool):
     return {"n": n, "batch": B, "steps": steps, "rows": rows,
             "median_rel_error_after_first": statistics.median(r["max_rel_error"] for r in rows[1:]),
             "norm_median_rel_error_after_first": statistics.median(r["norm_max_rel_error"] for r in rows[1:]),
-            "products_per_warm_step": rows[-1]["products"], "products_cold_first_step": rows[0]["products"]}
+            "products_per_warm_step": rows[-1]["products"], "products_cold_first_step": rows[0]["products"],
+            "warm_steps_sweep": {k: {"median_rel_error_after_first": statistics.median(v[1:]),
+                                     "products_per_step": sweep_products[k]} for k, v in sweep_errors.items()}}
 
 
 def monitor_section(args, quick: bool):
@@ -253,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     targets.append(C.target("Spectral estimate (2 warm steps) vs dense rho, median over steps",
                             spec["median_rel_error_after_first"] < 1e-2, spec["median_rel_error_after_first"],
                             "< 1e-2 relative", f"{spec['products_per_warm_step']} products a step; ||J||_2 by 2 warm "
-                            f"power steps (6 products): median {spec['norm_median_rel_error_after_first']:.2g}"))
+                            f"power steps (6 products): median {spec['norm_median_rel_error_after_first']:.2g}; "
+                            "more warm steps on the same trajectory: " + ", ".join(
+                                f"{k}: {v['median_rel_error_after_first']:.2g} ({v['products_per_step']} products)"
+                                for k, v in spec["warm_steps_sweep"].items())))
     # (this threshold is the benchmark's own choice; the issue asks for the fraction to be measured)
     targets.append(C.target("Monitor cost at its default period", mon["fraction_at_default_period"] <= 0.1,
                             round(mon["fraction_at_default_period"], 4), "<= 0.1 of training time",

@@ -19,3 +19,8 @@ def test_contraction_benchmark_quick_mode_writes_its_rows(tmp_path):
     assert results["spectral"]["products_per_warm_step"] == 10
     assert results["monitor"]["fraction_at_default_period"] > 0
     assert any(t["target"].startswith("Monitor cost") for t in data["targets"])
+    # more warm power steps on the same trajectory: 4 products a step each (radius: a block of 2, both sides),
+    # and 16 of them estimate rho better than the 2 the penalty trains with
+    sweep = {int(k): v for k, v in results["spectral"]["warm_steps_sweep"].items()}
+    assert [sweep[k]["products_per_step"] for k in (4, 8, 16)] == [4 * k + 2 for k in (4, 8, 16)]
+    assert sweep[16]["median_rel_error_after_first"] < results["spectral"]["median_rel_error_after_first"]
