@@ -52,6 +52,8 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
                power_iters=args.power_iters)
     if args.squared:          # (only when set: runs stored before the option existed resume unchanged)
         cfg["squared"] = True
+    if args.smooth:
+        cfg["smooth"] = args.smooth
     return cfg
 
 
@@ -139,7 +141,7 @@ def train(args: argparse.Namespace) -> Path:
                 total = loss
                 if config["weight"] > 0:
                     pen = spectral_penalty(model, state=state, target=config["target"], iters=config["power_iters"],
-                                           squared=config.get("squared", False))
+                                           squared=config.get("squared", False), smooth=config.get("smooth", 0.0))
                     total = loss + config["weight"] * pen
                     row.update(penalty=float(pen.detach()), rho_est_max=float(state.last.max()),
                                rho_est_mean=float(state.last.mean()))
@@ -217,7 +219,8 @@ def variant_label(folder: Path) -> str:
     if not starts:
         return folder.name
     c = starts[-1]["config"]
-    return (f"penalty{' squared' if c.get('squared') else ''}, weight {c['weight']:g}, target {c['target']:g}, "
+    shape = " squared" if c.get("squared") else (f" Huber {c['smooth']:g}" if c.get("smooth") else "")
+    return (f"penalty{shape}, weight {c['weight']:g}, target {c['target']:g}, "
             f"{c['power_iters']} power steps, seed {c['seed']} (`{folder.name}/`)")
 
 
@@ -311,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight", type=float, default=1.0, help="penalty weight (arm penalty)")
     p.add_argument("--target", type=float, default=0.8, help="the penalty's target for rho(J)")
     p.add_argument("--power-iters", type=int, default=2, help="warm power steps a training step")
+    p.add_argument("--smooth", type=float, default=0.0,
+                   help="Huber width d of the hinge: quadratic below an excess of d, linear (gradient bounded by the "
+                        "weight) beyond")
     p.add_argument("--squared", action="store_true",
                    help="squared hinge max(0, rho - target)^2: its gradient grows from zero as rho crosses the "
                         "target, where the plain hinge's jumps to the full weight (the spikes at switch-on)")

@@ -268,6 +268,31 @@ def test_spectral_penalty_is_the_hinge_of_the_estimate(tanh_map):
     assert (p == 0).any() and (p > 0).any()
 
 
+def test_smooth_spectral_penalty_is_the_huber_hinge_with_a_continuous_bounded_gradient(tanh_map):
+    m, x, z = tanh_map
+    est = spectral_estimate(m.step, m.params, z, x, iters=100, generator=torch.Generator().manual_seed(0))
+    rho, d = est.value, 0.05
+    for target in (float(rho.min()) - 0.2, float(rho.mean()), float(rho.max()) - 0.01):
+        p = spectral_penalty(m.step, m.params, z, x, target=target, smooth=d, iters=100,
+                             generator=torch.Generator().manual_seed(0), reduction="none")
+        e = torch.relu(rho - target)
+        expected = torch.where(e < d, e ** 2 / (2 * d), e - d / 2)
+        assert torch.allclose(p, expected, atol=1e-12)
+    # beyond the width its gradient in the parameters is the plain hinge's (bounded by the weight, not growing
+    # with the excess as the squared hinge's does); inside it, e / d times that
+    params = _leaf_params(m)
+    low = float(rho.min()) - 2.0                   # every excess >= 2: far beyond the width
+
+    def grads(target, **kw):
+        pen = spectral_penalty(m.step, params, z, x, target=target, iters=100,
+                               generator=torch.Generator().manual_seed(0), **kw)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(pen, list(params.values()))])
+    torch.testing.assert_close(grads(low, smooth=d), grads(low), rtol=1e-9, atol=1e-12)
+    assert float(grads(low, squared=True).norm()) > 3 * float(grads(low).norm())    # 2 e >= 4 times
+    with pytest.raises(ValueError, match="smooth"):
+        spectral_penalty(m.step, m.params, z, x, target=0.5, smooth=0.1, squared=True)
+
+
 def test_spectral_penalty_below_target_has_zero_gradient(tanh_map):
     m, x, z = tanh_map
     params = _leaf_params(m)

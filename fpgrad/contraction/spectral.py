@@ -284,11 +284,16 @@ def _stored(state: SpectralState, B: int, kind: str, form: str) -> tuple[Tensor 
 def spectral_penalty(step: Callable | torch.nn.Module, params: Mapping[str, Tensor] = FROM_MODULE,
                      z: Tensor = FROM_MODULE, x: Tensor | None = FROM_MODULE, *,
                      target: float = 0.9, state: SpectralState | None = None, kind: str = "radius",
-                     iters: int = 2, squared: bool = False, form: str = "jvp",
+                     iters: int = 2, squared: bool = False, smooth: float = 0.0, form: str = "jvp",
                      right: Tensor | None = None, left: Tensor | None = None,
                      generator: torch.Generator | None = None, counter: Any = None, batched: bool | None = None,
                      reduction: str = "mean") -> Tensor:
     """max(0, estimate - target) (squared if `squared`) per sample, estimate = rho(J) or ||J||_2 at z (detached).
+
+    smooth = d > 0: a Huber hinge, e^2 / (2 d) for an excess e < d and e - d / 2 beyond: its gradient grows from
+    zero as the estimate crosses the target (no jump to the full weight when the penalty switches on) and is
+    bounded by the weight beyond d (a batch whose estimate leaps far above the target does not get a gradient
+    that grows with the leap, as the squared hinge's does).
 
     One line in a training loop:  loss = task + weight * spectral_penalty(step, params, z_star, x, state=state).
     state: a SpectralState the caller owns; warm-starts `iters` power steps from the previous call's vectors
@@ -327,8 +332,14 @@ def spectral_penalty(step: Callable | torch.nn.Module, params: Mapping[str, Tens
         state.calls += 1
         state.products.vjps += est.vjps
         state.products.jvps += est.jvps
+    if smooth < 0 or (smooth > 0 and squared):
+        raise ValueError(f"{where}: smooth (the Huber width) must be >= 0 and is not combined with squared=True, "
+                         f"got smooth={smooth}, squared={squared}")
     excess = torch.relu(est.value - target)
-    values = excess * excess if squared else excess
+    if smooth > 0:
+        values = torch.where(excess < smooth, excess * excess / (2 * smooth), excess - smooth / 2)
+    else:
+        values = excess * excess if squared else excess
     from .frobenius import _reduce
     return _reduce(values.to(z.dtype) if z.dtype.is_floating_point else values, reduction, where)
 
