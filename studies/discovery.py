@@ -610,6 +610,129 @@ def arms_figure(root: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# ---- the reading (issue #20, section 3): a verdict per claim, from the stored rows only --------------------
+
+CLAIMS = (
+    ("stability without clipping or warm-up",
+     "spikes and max rho(J) at z* per run (arms table, curves.png); the no-warmup and clip ablations",
+     "one-step has no more gradient spikes than unrolled on every seed, and one-step + no-warmup ends within 10% of "
+     "one-step's FG-ARI"),
+    ("constant backward memory and time",
+     "backward MB and CPU s / step (arms table) at 3 and at 7 training iterations (iters7 ablation)",
+     "one-step's backward bytes at 7 iterations equal those at 3, while unrolled's grow"),
+    ("better reconstruction",
+     "MSE last (arms table)", "one-step's final MSE is below unrolled's on every seed"),
+    ("robustness to more test-time iterations",
+     "FG-ARI against test-time iterations 1-20 (last panel of curves.png)",
+     "one-step loses less FG-ARI than unrolled from 3 to 20 test-time iterations on every seed"),
+    ("insensitivity to the training iteration count",
+     "FG-ARI last at 3 vs 7 training iterations (iters7 ablation)",
+     "one-step + iters7 ends within 10% of one-step's FG-ARI, unrolled + iters7 further from unrolled's"),
+)
+PAPER_SETTING = ("the paper: SLATE (and slot attention) on CLEVR-Mirror and others, 250k steps, GPUs; here: slot "
+                 "attention autoencoder on 32x32 MultiShapes, 14,000 steps, one CPU thread")
+
+
+def _finished(root: Path, steps: int) -> dict[tuple[str, int], list[dict]]:
+    """(arm [+ ablation], seed) -> rows of the arm runs under root that reached `steps`."""
+    return {(_arm_of(c), int(c["seed"])): rows for c, rows in runs_under(root)
+            if c.get("instruments") and rows[-1]["step"] >= steps}
+
+
+def _verdict_rows(done: dict, steps: int) -> list[tuple[str, str]]:
+    """(values, verdict) per claim, each decided only from finished runs; 'pending' names what is missing."""
+    def seeds(arm):
+        return sorted(s for a, s in done if a == arm)
+
+    def need(*arms):
+        missing = [a for a in arms if not seeds(a)]
+        return f"pending: no finished run ({steps} steps) of {', '.join(missing)}" if missing else None
+
+    def last(arm, seed, key):
+        return done[(arm, seed)][-1].get(key)
+
+    out = []
+    # 1. stability
+    miss = need("unrolled", "one-step", "one-step + no-warmup")
+    if miss:
+        out.append(("-", miss))
+    else:
+        common = sorted(set(seeds("unrolled")) & set(seeds("one-step")))
+        spikes = {a: {s: sum(int(r.get("spikes") or 0) for r in done[(a, s)]) for s in common}
+                  for a in ("unrolled", "one-step")}
+        nw = [last("one-step + no-warmup", s, "fg_ari") / max(last("one-step", s, "fg_ari"), 1e-9)
+              for s in seeds("one-step + no-warmup") if s in seeds("one-step")]
+        ok = all(spikes["one-step"][s] <= spikes["unrolled"][s] for s in common) and nw and min(nw) >= 0.9
+        out.append((f"spikes unrolled {spikes['unrolled']}, one-step {spikes['one-step']}; no-warmup / base FG-ARI "
+                    f"{', '.join(f'{v:.2f}' for v in nw)}",
+                    f"{'supported' if ok else 'not supported'} (seeds {common})"))
+    # 2. constant backward memory and time
+    miss = need("unrolled", "one-step", "unrolled + iters7", "one-step + iters7")
+    if miss:
+        out.append(("-", miss))
+    else:
+        b = {a: last(a, seeds(a)[0], "backward_bytes") for a in ("unrolled", "one-step", "unrolled + iters7",
+                                                                "one-step + iters7")}
+        ok = b["one-step + iters7"] == b["one-step"] and b["unrolled + iters7"] > b["unrolled"]
+        out.append((f"backward MB one-step {b['one-step'] / 2**20:.1f} -> {b['one-step + iters7'] / 2**20:.1f}, "
+                    f"unrolled {b['unrolled'] / 2**20:.1f} -> {b['unrolled + iters7'] / 2**20:.1f}",
+                    "supported" if ok else "not supported"))
+    # 3. better reconstruction
+    miss = need("unrolled", "one-step")
+    if miss:
+        out.append(("-", miss))
+    else:
+        common = sorted(set(seeds("unrolled")) & set(seeds("one-step")))
+        mse = {a: {s: last(a, s, "mse") for s in common} for a in ("unrolled", "one-step")}
+        ok = all(mse["one-step"][s] < mse["unrolled"][s] for s in common)
+        out.append((f"MSE unrolled {', '.join(f'{v:.4f}' for v in mse['unrolled'].values())}; one-step "
+                    f"{', '.join(f'{v:.4f}' for v in mse['one-step'].values())}",
+                    f"{'supported' if ok else 'not supported'} (seeds {common})"))
+    # 4. robustness to test-time iterations
+    miss = need("unrolled", "one-step")
+    if miss:
+        out.append(("-", miss))
+    else:
+        common = sorted(set(seeds("unrolled")) & set(seeds("one-step")))
+
+        def drop(a, s):
+            curve = next((r["test_time"] for r in reversed(done[(a, s)]) if "test_time" in r), None)
+            return None if curve is None else curve["3"]["fg_ari"] - curve["20"]["fg_ari"]
+        drops = {a: {s: drop(a, s) for s in common} for a in ("unrolled", "one-step")}
+        if any(v is None for d in drops.values() for v in d.values()):
+            out.append(("-", "pending: a finished run has no test-time curve"))
+        else:
+            ok = all(drops["one-step"][s] < drops["unrolled"][s] for s in common)
+            out.append((f"FG-ARI lost from 3 to 20 iterations: unrolled "
+                        f"{', '.join(f'{v:.3f}' for v in drops['unrolled'].values())}; one-step "
+                        f"{', '.join(f'{v:.3f}' for v in drops['one-step'].values())}",
+                        f"{'supported' if ok else 'not supported'} (seeds {common})"))
+    # 5. insensitivity to the training iteration count
+    miss = need("unrolled", "one-step", "unrolled + iters7", "one-step + iters7")
+    if miss:
+        out.append(("-", miss))
+    else:
+        r = {a: last(a, seeds(a)[0], "fg_ari") for a in ("unrolled", "one-step", "unrolled + iters7",
+                                                        "one-step + iters7")}
+        one = abs(r["one-step + iters7"] - r["one-step"]) / max(r["one-step"], 1e-9)
+        unr = abs(r["unrolled + iters7"] - r["unrolled"]) / max(r["unrolled"], 1e-9)
+        out.append((f"FG-ARI change 3 -> 7 iterations: one-step {one:.1%}, unrolled {unr:.1%}",
+                    "supported" if one <= 0.1 and one < unr else "not supported"))
+    return out
+
+
+def claims_table(root: Path, steps: int = 14_000) -> str:
+    """Markdown: per claim of the paper, what decides it here, the rule, the measured values and the verdict
+    (from the finished arm runs under root; 'pending' names the runs still missing)."""
+    done = _finished(root, steps)
+    lines = ["| claim | decided by | supported when | measured | verdict |", "|---|---|---|---|---|"]
+    for (claim, figure, rule), (values, verdict) in zip(CLAIMS, _verdict_rows(done, steps)):
+        lines.append(f"| {claim} | {figure} | {rule} | {values} | {verdict} |")
+    lines += ["", f"What differs: {PAPER_SETTING}. Finished runs ({steps} steps): "
+              + (", ".join(f"{a} s{s}" for a, s in sorted(done)) or "none yet") + "."]
+    return "\n".join(lines) + "\n"
+
+
 def write_readme(root: Path, make_table, make_figure) -> str:
     """root/table.md and root/curves.png from the stored rows, and the table filled into root/README.md."""
     text = make_table(root)
@@ -640,6 +763,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.arms_readme is not None:
         print(write_readme(args.arms_readme, arms_table, arms_figure))
+        claims = claims_table(args.arms_readme)
+        _atomic_write_bytes(args.arms_readme / "claims.md", lambda f: f.write(claims.encode()))
+        print(claims)
         return
     if args.readme is not None:
         print(write_readme(args.readme, table, figure))

@@ -178,3 +178,22 @@ def test_the_implicit_arm_caps_its_adjoint_solve_and_counts_the_steps_it_capped(
     assert rows[-1]["steps_since_row"] == 2 and rows[-1]["adjoint_short_steps"] == 2
     assert rows[-1]["train_vjps_per_step"] >= 1
     assert "| 100.0 |" in discovery.arms_table(tmp_path)          # every training step capped
+
+
+def test_the_claims_table_decides_from_finished_runs_only_and_names_what_is_missing(tmp_path):
+    for arm, ablation in (("unrolled", None), ("one-step", None), ("one-step", "no-warmup"), ("unrolled", "iters7"),
+                          ("one-step", "iters7")):
+        config = discovery.config_of("", quick=True, arm=arm, ablation=ablation)
+        discovery.train(config, 2, tmp_path / config["name"], progress=False)
+    text = discovery.claims_table(tmp_path, steps=2)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows] == [c[0] for c in discovery.CLAIMS]
+    verdicts = [r.rstrip(" |").rsplit(" | ", 1)[1] for r in rows]
+    assert all(v.startswith(("supported", "not supported")) for v in verdicts), verdicts
+    # one-step's backward saves the same bytes at 7 iterations as at 3 (one taped step); unrolled's grow
+    assert verdicts[1] == "supported"
+    assert "Finished runs (2 steps): one-step s0, one-step + iters7 s0" in text
+    # a run short of the target steps decides nothing: every claim is pending, naming the runs it waits for
+    pending = discovery.claims_table(tmp_path, steps=14_000)
+    assert pending.count("pending: no finished run (14000 steps) of unrolled, one-step") == 5
+    assert "Finished runs (14000 steps): none yet." in pending
