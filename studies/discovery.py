@@ -639,85 +639,76 @@ def _finished(root: Path, steps: int) -> dict[tuple[str, int], list[dict]]:
             if c.get("instruments") and rows[-1]["step"] >= steps}
 
 
+_PAIR = ("unrolled", "one-step")
+_ITERS = ("unrolled", "one-step", "unrolled + iters7", "one-step + iters7")
+
+
 def _verdict_rows(done: dict, steps: int) -> list[tuple[str, str]]:
     """(values, verdict) per claim, each decided only from finished runs; 'pending' names what is missing."""
     def seeds(arm):
         return sorted(s for a, s in done if a == arm)
 
-    def need(*arms):
-        missing = [a for a in arms if not seeds(a)]
-        return f"pending: no finished run ({steps} steps) of {', '.join(missing)}" if missing else None
-
     def last(arm, seed, key):
         return done[(arm, seed)][-1].get(key)
 
-    out = []
-    # 1. stability
-    miss = need("unrolled", "one-step", "one-step + no-warmup")
-    if miss:
-        out.append(("-", miss))
-    else:
-        common = sorted(set(seeds("unrolled")) & set(seeds("one-step")))
-        spikes = {a: {s: sum(int(r.get("spikes") or 0) for r in done[(a, s)]) for s in common}
-                  for a in ("unrolled", "one-step")}
+    common = sorted(set(seeds("unrolled")) & set(seeds("one-step")))
+
+    def per_seed(value):                      # unrolled and one-step on their common seeds
+        return {a: {s: value(a, s) for s in common} for a in _PAIR}
+
+    def at_first_seed(key):                   # the iteration-count comparison: one seed of each
+        return {a: last(a, seeds(a)[0], key) for a in _ITERS}
+
+    def said(ok, seeded=True):
+        return ("supported" if ok else "not supported") + (f" (seeds {common})" if seeded else "")
+
+    def listed(values, digits):
+        return ", ".join(f"{v:.{digits}f}" for v in values.values())
+
+    def stability():
+        spikes = per_seed(lambda a, s: sum(int(r.get("spikes") or 0) for r in done[(a, s)]))
         nw = [last("one-step + no-warmup", s, "fg_ari") / max(last("one-step", s, "fg_ari"), 1e-9)
               for s in seeds("one-step + no-warmup") if s in seeds("one-step")]
         ok = all(spikes["one-step"][s] <= spikes["unrolled"][s] for s in common) and nw and min(nw) >= 0.9
-        out.append((f"spikes unrolled {spikes['unrolled']}, one-step {spikes['one-step']}; no-warmup / base FG-ARI "
-                    f"{', '.join(f'{v:.2f}' for v in nw)}",
-                    f"{'supported' if ok else 'not supported'} (seeds {common})"))
-    # 2. constant backward memory and time
-    miss = need("unrolled", "one-step", "unrolled + iters7", "one-step + iters7")
-    if miss:
-        out.append(("-", miss))
-    else:
-        b = {a: last(a, seeds(a)[0], "backward_bytes") for a in ("unrolled", "one-step", "unrolled + iters7",
-                                                                "one-step + iters7")}
-        ok = b["one-step + iters7"] == b["one-step"] and b["unrolled + iters7"] > b["unrolled"]
-        out.append((f"backward MB one-step {b['one-step'] / 2**20:.1f} -> {b['one-step + iters7'] / 2**20:.1f}, "
-                    f"unrolled {b['unrolled'] / 2**20:.1f} -> {b['unrolled + iters7'] / 2**20:.1f}",
-                    "supported" if ok else "not supported"))
-    # 3. better reconstruction
-    miss = need("unrolled", "one-step")
-    if miss:
-        out.append(("-", miss))
-    else:
-        common = sorted(set(seeds("unrolled")) & set(seeds("one-step")))
-        mse = {a: {s: last(a, s, "mse") for s in common} for a in ("unrolled", "one-step")}
-        ok = all(mse["one-step"][s] < mse["unrolled"][s] for s in common)
-        out.append((f"MSE unrolled {', '.join(f'{v:.4f}' for v in mse['unrolled'].values())}; one-step "
-                    f"{', '.join(f'{v:.4f}' for v in mse['one-step'].values())}",
-                    f"{'supported' if ok else 'not supported'} (seeds {common})"))
-    # 4. robustness to test-time iterations
-    miss = need("unrolled", "one-step")
-    if miss:
-        out.append(("-", miss))
-    else:
-        common = sorted(set(seeds("unrolled")) & set(seeds("one-step")))
+        return (f"spikes unrolled {spikes['unrolled']}, one-step {spikes['one-step']}; no-warmup / base FG-ARI "
+                f"{', '.join(f'{v:.2f}' for v in nw)}", said(ok))
 
+    def memory():
+        b = at_first_seed("backward_bytes")
+        ok = b["one-step + iters7"] == b["one-step"] and b["unrolled + iters7"] > b["unrolled"]
+        return (f"backward MB one-step {b['one-step'] / 2**20:.1f} -> {b['one-step + iters7'] / 2**20:.1f}, "
+                f"unrolled {b['unrolled'] / 2**20:.1f} -> {b['unrolled + iters7'] / 2**20:.1f}", said(ok, False))
+
+    def reconstruction():
+        mse = per_seed(lambda a, s: last(a, s, "mse"))
+        ok = all(mse["one-step"][s] < mse["unrolled"][s] for s in common)
+        return f"MSE unrolled {listed(mse['unrolled'], 4)}; one-step {listed(mse['one-step'], 4)}", said(ok)
+
+    def robustness():
         def drop(a, s):
             curve = next((r["test_time"] for r in reversed(done[(a, s)]) if "test_time" in r), None)
             return None if curve is None else curve["3"]["fg_ari"] - curve["20"]["fg_ari"]
-        drops = {a: {s: drop(a, s) for s in common} for a in ("unrolled", "one-step")}
+        drops = per_seed(drop)
         if any(v is None for d in drops.values() for v in d.values()):
-            out.append(("-", "pending: a finished run has no test-time curve"))
-        else:
-            ok = all(drops["one-step"][s] < drops["unrolled"][s] for s in common)
-            out.append((f"FG-ARI lost from 3 to 20 iterations: unrolled "
-                        f"{', '.join(f'{v:.3f}' for v in drops['unrolled'].values())}; one-step "
-                        f"{', '.join(f'{v:.3f}' for v in drops['one-step'].values())}",
-                        f"{'supported' if ok else 'not supported'} (seeds {common})"))
-    # 5. insensitivity to the training iteration count
-    miss = need("unrolled", "one-step", "unrolled + iters7", "one-step + iters7")
-    if miss:
-        out.append(("-", miss))
-    else:
-        r = {a: last(a, seeds(a)[0], "fg_ari") for a in ("unrolled", "one-step", "unrolled + iters7",
-                                                        "one-step + iters7")}
+            return "-", "pending: a finished run has no test-time curve"
+        ok = all(drops["one-step"][s] < drops["unrolled"][s] for s in common)
+        return (f"FG-ARI lost from 3 to 20 iterations: unrolled {listed(drops['unrolled'], 3)}; one-step "
+                f"{listed(drops['one-step'], 3)}", said(ok))
+
+    def iterations():
+        r = at_first_seed("fg_ari")
         one = abs(r["one-step + iters7"] - r["one-step"]) / max(r["one-step"], 1e-9)
         unr = abs(r["unrolled + iters7"] - r["unrolled"]) / max(r["unrolled"], 1e-9)
-        out.append((f"FG-ARI change 3 -> 7 iterations: one-step {one:.1%}, unrolled {unr:.1%}",
-                    "supported" if one <= 0.1 and one < unr else "not supported"))
+        return (f"FG-ARI change 3 -> 7 iterations: one-step {one:.1%}, unrolled {unr:.1%}",
+                said(one <= 0.1 and one < unr, False))
+
+    checks = (((*_PAIR, "one-step + no-warmup"), stability), (_ITERS, memory), (_PAIR, reconstruction),
+              (_PAIR, robustness), (_ITERS, iterations))
+    out = []
+    for arms, decide in checks:
+        missing = [a for a in arms if not seeds(a)]
+        out.append(("-", f"pending: no finished run ({steps} steps) of {', '.join(missing)}") if missing
+                   else decide())
     return out
 
 
