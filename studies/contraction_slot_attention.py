@@ -207,21 +207,23 @@ def _row(arm: str, s: dict[str, Any]) -> str:
 
 
 def variants(out: Path) -> list[Path]:
-    """The variant runs stored beside `out` (folders `variant_*` holding a penalty arm), in name order."""
-    return sorted(d for d in out.parent.glob("variant_*") if (d / "penalty" / "rows.jsonl").exists())
+    """The arm runs of the variants stored beside `out` (folders `variant_*/<arm>/`), in name order."""
+    return sorted(d / arm for d in out.parent.glob("variant_*") for arm in ARMS if (d / arm / "rows.jsonl").exists())
 
 
-def variant_label(folder: Path) -> str:
-    """A variant's settings as its stored configuration says (the last start event of its runs.jsonl)."""
+def variant_label(run: Path) -> str:
+    """A variant arm run's settings as its stored configuration says (the last start event of its runs.jsonl)."""
     from fpgrad.contraction import read_jsonl
-    starts = [r for r in read_jsonl(folder / "penalty" / "runs.jsonl") if r.get("event") == "start"] \
-        if (folder / "penalty" / "runs.jsonl").exists() else []
+    starts = [r for r in read_jsonl(run / "runs.jsonl") if r.get("event") == "start"] \
+        if (run / "runs.jsonl").exists() else []
     if not starts:
-        return folder.name
+        return f"{run.parent.name}/{run.name}"
     c = starts[-1]["config"]
+    if c["arm"] == "none":
+        return f"none, seed {c['seed']} (`{run.parent.name}/`)"
     shape = " squared" if c.get("squared") else (f" Huber {c['smooth']:g}" if c.get("smooth") else "")
     return (f"penalty{shape}, weight {c['weight']:g}, target {c['target']:g}, "
-            f"{c['power_iters']} power steps, seed {c['seed']} (`{folder.name}/`)")
+            f"{c['power_iters']} power steps, seed {c['seed']} (`{run.parent.name}/`)")
 
 
 def table(out: Path) -> str:
@@ -233,7 +235,7 @@ def table(out: Path) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     runs = {arm: read_jsonl(out / arm / "rows.jsonl") for arm in ARMS if (out / arm / "rows.jsonl").exists()}
     lines = head + [_row(arm, summary(rows)) for arm, rows in runs.items()]
-    lines += [_row(variant_label(v), summary(read_jsonl(v / "penalty" / "rows.jsonl"))) for v in variants(out)]
+    lines += [_row(variant_label(v), summary(read_jsonl(v / "rows.jsonl"))) for v in variants(out)]
     lasts = [max((r["step"] for r in rows), default=-1) + 1 for rows in runs.values()]
     if len(runs) == 2 and min(lasts) < max(lasts):
         common = min(lasts)
