@@ -177,7 +177,12 @@ def test_a_forward_that_does_not_take_state_and_input_says_how_to_wrap_one_itera
         fpgrad.maps.from_module(OwnLoop())
 
 
-slot_attention = pytest.importorskip("slot_attention", reason="the PyPI slot-attention package (dev extra)")
+try:                # (a module-level importorskip would skip this file's other tests too)
+    import slot_attention
+except ImportError:
+    slot_attention = None
+needs_slot_attention = pytest.mark.skipif(slot_attention is None,
+                                          reason="the PyPI slot-attention package (dev extra) is not installed")
 
 
 class OneSlotAttentionIteration(nn.Module):
@@ -200,6 +205,7 @@ class OneSlotAttentionIteration(nn.Module):
         return new + sa.mlp(sa.norm_pre_ff(new))
 
 
+@needs_slot_attention
 def test_third_party_slot_attention_is_refused_then_wrapped_one_iteration_and_trained():
     torch.manual_seed(0)
     inner = slot_attention.SlotAttention(num_slots=3, dim=8, iters=1).double()
