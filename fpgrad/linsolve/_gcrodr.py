@@ -117,8 +117,9 @@ class GCRODR(LinearSolver):
             ws.H[:, : j + 1, j] = torch.where(keep, h, 0)
             ws.H[:, j + 1, j] = torch.where(stepping, hn, 0)
             ws.Bk[:, :, j] = torch.where(keep, coef[:, :k], 0)       # C^T A v_j
-            W[:, k + j + 1] = torch.where((stepping & ~lucky).unsqueeze(1), w / safe(hn).unsqueeze(1), 0)
-            steps = steps + stepping.long()
+            extends = stepping & ~lucky          # (where not lucky hn > 0: dividing by it needs no guard)
+            W[:, k + j + 1] = torch.where(extends.unsqueeze(1), w / torch.where(extends, hn, 1).unsqueeze(1), 0)
+            steps += stepping
             rel = (beta * Qt[:, j + 1, 0].abs() / run.scale).to(run.rel.dtype)
             active = run.record(rel, active) & stepping & ~(rel <= run.threshold)
             s = j + 1
