@@ -41,22 +41,25 @@ DEFAULTS: dict[str, Any] = dict(
     test_scenes=128, eval_every=500,
     # the arms (issue #20, section 2): the slot attention gradient, its forward, the spectral penalty, instruments
     estimator="unrolled", tol=None, forward="iterate", penalty=0.0, penalty_target=0.9, instruments=False,
-    backward_tol=None, backward_max_iter=None,
+    backward_tol=None, backward_max_iter=None, penalty_iters=2, penalty_smooth=0.0,
 )
 
 # The arms: what differs from the discovery configuration (each run with `instruments`). The exact implicit and
 # Neumann arms solve the slots to a relative residual of 1e-4 (float32) with Anderson, at most 30 steps, and
 # differentiate at that z* (Implicit: by unrestarted GMRES to 1e-4, at most 100 VJPs a step, the steps that stop
 # short of it counted in the rows; Neumann-5: five terms of the series, which assume a
-# fixed point too); with the penalty, loss += penalty * mean_b max(0, rho_b(J) - target)
-# (fpgrad.contraction.spectral_penalty, two warm-started power steps a training step).
+# fixed point too); with the penalty, loss += penalty * mean_b hinge(rho_b(J) - target), the README's recipe
+# (fpgrad.contraction.spectral_penalty: weight 0.05, target 0.7, a Huber hinge of width 0.1, four warm-started power
+# steps a training step; a plain hinge at weight 0.1, target 0.9, two power steps let rho(J) pass 1 within 500
+# steps and the run collapse: reports/discovery/arms/variants/).
 ARMS: dict[str, dict[str, Any]] = {
     "unrolled": dict(estimator="unrolled"),
     "one-step": dict(estimator="one_step"),
     "implicit": dict(estimator="implicit", tol=1e-4, forward="anderson", iters=30, backward_tol=1e-4,
                      backward_max_iter=100),
     "implicit-penalty": dict(estimator="implicit", tol=1e-4, forward="anderson", iters=30, backward_tol=1e-4,
-                             backward_max_iter=100, penalty=0.1, penalty_target=0.9),
+                             backward_max_iter=100, penalty=0.05, penalty_target=0.7, penalty_iters=4,
+                             penalty_smooth=0.1),
     "neumann-5": dict(estimator="neumann-5", tol=1e-4, forward="anderson", iters=30),
 }
 # Ablations of an arm (the paper's: clipping, warm-up, the training iteration count).
@@ -87,15 +90,32 @@ QUICK: dict[str, Any] = dict(size=16, min_objects=1, max_objects=2, num_slots=3,
                              background=(0.0, 0.0, 0.0), test_scenes=8, eval_every=2)
 
 
+PENALTY_KEYS = ("penalty", "penalty_target", "penalty_iters", "penalty_smooth")
+
+
+def penalty_label(config: dict) -> str:
+    """'w0.05-t0.7-p4-h0.1': weight, target, power steps and Huber width (h0: the plain hinge)."""
+    return (f"w{config['penalty']:g}-t{config['penalty_target']:g}-p{int(config['penalty_iters'])}"
+            f"-h{config['penalty_smooth']:g}")
+
+
 def config_of(name: str, quick: bool = False, seed: int | None = None, arm: str | None = None,
-              ablation: str | None = None) -> dict[str, Any]:
+              ablation: str | None = None, penalty: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full settings of a named configuration (DEFAULTS updated by CONFIGS[name], or by QUICK).
 
     arm: one of ARMS (the estimator and its forward, the penalty; instruments on), named NAME-ARM;
     ablation: one of ABLATIONS on top, named NAME-ARM-ABLATION;
     seed: overrides the configuration's seed (parameters, training scenes, slot noise; the test scenes stay
     the same); a run with seed s != 0 is named ...-sS.
+    penalty: with an arm, overrides of its spectral penalty (keys PENALTY_KEYS); a run whose penalty differs
+    from its arm's is named ...-W-T-P-H (penalty_label).
     """
+    penalty = {k: v for k, v in (penalty or {}).items() if v is not None}
+    if set(penalty) - set(PENALTY_KEYS):
+        raise ValueError(f"discovery: unknown penalty settings {sorted(set(penalty) - set(PENALTY_KEYS))}; "
+                         f"choose from {PENALTY_KEYS}")
+    if penalty and arm is None:
+        raise ValueError("discovery: penalty settings apply to an arm; give --arm too")
     if arm is not None or ablation is not None or seed is not None:
         config = config_of(name, quick)
         if ablation is not None and arm is None:
@@ -105,6 +125,12 @@ def config_of(name: str, quick: bool = False, seed: int | None = None, arm: str 
                 raise ValueError(f"discovery: unknown arm {arm!r}; choose one of {sorted(ARMS)}")
             config.update(ARMS[arm], instruments=True, arm=arm)
             config["name"] += f"-{arm}"
+            if penalty:
+                config.update(penalty)
+                if not config["penalty"] or config["penalty"] < 0:
+                    raise ValueError("discovery: --penalty must be a positive weight")
+                if any(config[k] != ARMS[arm].get(k, DEFAULTS[k]) for k in PENALTY_KEYS):
+                    config["name"] += f"-{penalty_label(config)}"
         if ablation is not None:
             if ablation not in ABLATIONS:
                 raise ValueError(f"discovery: unknown ablation {ablation!r}; choose one of {sorted(ABLATIONS)}")
@@ -422,7 +448,8 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
         if penalty_state is not None:
             # on the slots the backward linearises at (z* for the implicit arms), through the tokens too
             penalty = spectral_penalty(penalty_step, sa.functional_params(), out_.slots, out_.tokens,
-                                       target=config["penalty_target"], state=penalty_state)
+                                       target=config["penalty_target"], state=penalty_state,
+                                       iters=config["penalty_iters"], smooth=config["penalty_smooth"])
             penalty_sum += float(penalty.detach())
             total = loss + config["penalty"] * penalty
         optimiser.zero_grad(set_to_none=True)
@@ -522,6 +549,9 @@ def figure(root: Path, path: Path) -> None:
 def _arm_of(config: dict) -> str:
     """The arm of a run (stored in its config by config_of), with its ablation."""
     arm = config.get("arm", "?")
+    if config.get("penalty") and any(config.get(k, DEFAULTS[k]) != ARMS.get(arm, {}).get(k, DEFAULTS[k])
+                                     for k in PENALTY_KEYS):
+        arm += f" ({penalty_label(config)})"
     return arm if not config.get("ablation") else f"{arm} + {config['ablation']}"
 
 
@@ -746,6 +776,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablation", default=None, help=f"with --arm: one of {sorted(ABLATIONS)}")
     parser.add_argument("--seed", type=int, default=None,
                         help="override the configuration's seed (default: its own, 0); the run is named CONFIG-sSEED")
+    parser.add_argument("--penalty", type=float, default=None, metavar="W",
+                        help="with --arm: the spectral penalty's weight (implicit-penalty: 0.05; a run whose penalty "
+                        "differs from its arm's is named ...-wW-tT-pP-hH)")
+    parser.add_argument("--penalty-target", type=float, default=None, metavar="T", help="its target (0.7)")
+    parser.add_argument("--penalty-iters", type=int, default=None, metavar="P", help="its warm power steps (4)")
+    parser.add_argument("--penalty-smooth", type=float, default=None, metavar="H",
+                        help="its Huber width (0.1; 0: the plain hinge)")
     parser.add_argument("--quick", action="store_true", help="tiny model and scenes, a few steps")
     parser.add_argument("--readme", type=Path, default=None, metavar="ROOT",
                         help="write ROOT/table.md and ROOT/curves.png from the rows of every run under ROOT")
@@ -754,6 +791,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.arms_readme is not None:
         print(write_readme(args.arms_readme, arms_table, arms_figure))
+        variants = args.arms_readme / "variants"
+        if variants.is_dir() and runs_under(variants):      # settings tried beside the arms: their own table
+            text = arms_table(variants)
+            _atomic_write_bytes(variants / "table.md", lambda f: f.write(text.encode()))
         claims = claims_table(args.arms_readme)
         _atomic_write_bytes(args.arms_readme / "claims.md", lambda f: f.write(claims.encode()))
         print(claims)
@@ -761,7 +802,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.readme is not None:
         print(write_readme(args.readme, table, figure))
         return
-    config = config_of(args.config, args.quick, args.seed, args.arm, args.ablation)
+    penalty = dict(penalty=args.penalty, penalty_target=args.penalty_target, penalty_iters=args.penalty_iters,
+                   penalty_smooth=args.penalty_smooth)
+    config = config_of(args.config, args.quick, args.seed, args.arm, args.ablation, penalty)
     steps = args.steps if args.steps is not None else (4 if args.quick else 20_000)
     root = Path("reports/discovery") / ("arms" if args.arm else "")
     out = args.out if args.out is not None else root / config["name"]

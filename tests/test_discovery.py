@@ -144,6 +144,38 @@ def test_the_spectral_penalty_arm_trains_differently_when_the_penalty_is_active(
     assert a[-1]["mse"] != b[-1]["mse"]
 
 
+def test_penalty_overrides_name_the_run_label_its_row_and_reach_the_penalty(tmp_path, monkeypatch):
+    recipe = discovery.config_of("plain-fullres", arm="implicit-penalty")
+    assert recipe["name"] == "plain-fullres-implicit-penalty"          # the README's recipe: no suffix
+    assert (recipe["penalty"], recipe["penalty_target"], recipe["penalty_iters"], recipe["penalty_smooth"]) == \
+        (0.05, 0.7, 4, 0.1)
+    same = discovery.config_of("plain-fullres", arm="implicit-penalty", penalty=dict(penalty=0.05))
+    assert same["name"] == recipe["name"]
+    strong = discovery.config_of("plain-fullres", arm="implicit-penalty", seed=1, penalty=dict(penalty=0.5))
+    assert strong["name"] == "plain-fullres-implicit-penalty-w0.5-t0.7-p4-h0.1-s1" and strong["penalty"] == 0.5
+    assert discovery._arm_of(strong) == "implicit-penalty (w0.5-t0.7-p4-h0.1)"
+    assert discovery._arm_of(recipe) == "implicit-penalty"
+    with pytest.raises(ValueError, match="give --arm too"):
+        discovery.config_of("plain-fullres", penalty=dict(penalty=0.5))
+    with pytest.raises(ValueError, match="positive weight"):
+        discovery.config_of("plain-fullres", arm="implicit-penalty", penalty=dict(penalty=0.0))
+    with pytest.raises(ValueError, match="unknown penalty settings"):
+        discovery.config_of("plain-fullres", arm="implicit-penalty", penalty=dict(weight=1.0))
+
+    import fpgrad.contraction
+    seen = []
+    real = fpgrad.contraction.spectral_penalty
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["target"], kwargs["iters"], kwargs["smooth"]))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fpgrad.contraction, "spectral_penalty", spy)
+    config = discovery.config_of("", quick=True, arm="implicit-penalty",
+                                 penalty=dict(penalty_target=0.3, penalty_iters=3, penalty_smooth=0.2))
+    discovery.train(config, 1, tmp_path, progress=False)
+    assert seen == [(0.3, 3, 0.2)]
+
+
 def test_gradient_spikes_are_counted_against_the_running_median():
     spikes = discovery.GradientSpikes()
     for _ in range(discovery.SPIKE_MIN_HISTORY):
