@@ -218,7 +218,8 @@ def test_the_claims_table_decides_from_finished_runs_only_and_names_what_is_miss
         config = discovery.config_of("", quick=True, arm=arm, ablation=ablation)
         discovery.train(config, 2, tmp_path / config["name"], progress=False)
     text = discovery.claims_table(tmp_path, steps=2)
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
+    claims = text.split("## The issue's targets")[0]
+    rows = [line for line in claims.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
     assert [r.split(" | ")[0].lstrip("| ") for r in rows] == [c[0] for c in discovery.CLAIMS]
     verdicts = [r.rstrip(" |").rsplit(" | ", 1)[1] for r in rows]
     assert all(v.startswith(("supported", "not supported")) for v in verdicts), verdicts
@@ -229,3 +230,32 @@ def test_the_claims_table_decides_from_finished_runs_only_and_names_what_is_miss
     pending = discovery.claims_table(tmp_path, steps=14_000)
     assert pending.count("pending: no finished run (14000 steps) of unrolled, one-step") == 5
     assert "Finished runs (14000 steps): none yet." in pending
+
+
+def _fake_run(root, arm, seed, values):
+    """A stored arm run: config.json and one row per (step, fg_ari, rho_star)."""
+    run = root / f"{arm}-{seed}"
+    run.mkdir()
+    config = discovery.config_of("plain-fullres", arm=arm, seed=seed)
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "rows.jsonl").write_text("".join(json.dumps(dict(step=step, fg_ari=ari, rho_star=rho, time=step)) + "\n"
+                                            for step, ari, rho in values))
+
+
+def test_the_targets_table_reads_each_penalised_seed_and_the_unrolled_baseline(tmp_path):
+    _fake_run(tmp_path, "unrolled", 0, [(0, 0.0, 0.9), (10, 0.86, 3.0), (20, 0.80, 2.0)])
+    _fake_run(tmp_path, "implicit-penalty", 0, [(0, 0.0, 0.9), (10, 0.5, 0.95), (20, 0.6, 0.8)])
+    _fake_run(tmp_path, "implicit-penalty", 1, [(0, 0.0, 0.9), (10, 0.5, 1.02), (20, 0.6, 0.8)])
+    _fake_run(tmp_path, "implicit-penalty", 2, [(0, 0.0, 0.9), (10, 0.5, 0.7)])
+    text = discovery.targets_table(tmp_path, steps=20)
+    lines = text.splitlines()
+    assert "| unrolled baseline FG-ARI >= 0.85 | seeds [0] | best FG-ARI 0.860 | met |" in lines
+    penalised = [line for line in lines if "with the penalty" in line]
+    assert [line.rsplit(" | ", 1)[1] for line in penalised] == ["met |", "missed |", "holds so far (10 of 20 steps) |"]
+    assert "max 1.020; >= 1 at 1 of 3 logged steps" in penalised[1]
+    assert "finished seeds: unrolled 1, one-step 0, implicit 0, implicit-penalty 2, neumann-5 0 | not yet |" in text
+    # a baseline short of 0.85 is "not yet" while it runs, "missed" once it has reached its steps
+    (tmp_path / "short").mkdir()
+    _fake_run(tmp_path / "short", "unrolled", 0, [(0, 0.0, 0.9), (20, 0.80, 2.0)])
+    assert "best FG-ARI 0.800 | not yet |" in discovery.targets_table(tmp_path / "short", steps=30)
+    assert "best FG-ARI 0.800 | missed |" in discovery.targets_table(tmp_path / "short", steps=20)
