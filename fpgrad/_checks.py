@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -60,6 +61,37 @@ def check_period(check_every: int | None, device: torch.device | str, where: str
         raise ValueError(f"{where}: check_every must be an int >= 1 (iterations between host checks) or None "
                          f"(1 on the CPU, {CUDA_CHECK_PERIOD} on CUDA), got {check_every!r}")
     return check_every
+
+
+def host_check(active: Tensor, period: int = 1, now: Tensor | None = None, before: Tensor | None = None,
+               gap: int = 0, threshold: Tensor | float = 0.0, count: bool = True) -> tuple[int, int]:
+    """A solver loop's host check in one device -> host transfer: (samples still active, iterations until the
+    next check).
+
+    period 1 (the CPU default): (active count, 1). period > 1 with a residual history (now: [B] residuals after
+    the last iteration; before: the same `gap` >= 1 iterations earlier; threshold: where a sample stops, [B] or a
+    number): the next check comes when the slowest active sample is predicted to stop, at the geometric rate its
+    residual fell over those iterations: at least 1 and at most `period` iterations ahead (a period where a
+    sample's residual did not fall, or the prediction is not finite). A loop whose last sample stops between
+    checks runs until the next one (each idle iteration launches as many kernels as a working one); the
+    prediction cuts those iterations for the price of an extra check near the end. The result is unchanged:
+    convergence is still decided on the device at every iteration.
+    count=False: the first number is only 0 (none active) or 1 (some), without the cast a count needs.
+    """
+    if period <= 1 or now is None or before is None or gap < 1:
+        return (int(active.sum()) if count else int(bool(active.any()))), max(period, 1)
+    now_, before_ = now.float(), before.float()
+    threshold_ = torch.as_tensor(threshold, device=now.device).float()
+    tiny = torch.finfo(torch.float32).tiny
+    rate = ((now_ + tiny) / (before_ + tiny)) ** (1.0 / gap)
+    need = torch.log((threshold_ + tiny) / (now_ + tiny)) / torch.log(rate)
+    need = torch.where(rate < 1, need, math.inf)                  # not falling: no prediction
+    need = torch.where(now_ <= threshold_, 0.0, torch.nan_to_num(need, nan=math.inf))
+    worst = torch.where(active, need, 0.0).amax() if active.numel() else need.new_zeros(())
+    count, ahead = torch.stack([active.sum().float(), worst]).tolist()
+    if not math.isfinite(ahead):
+        return int(count), period
+    return int(count), min(period, max(1, math.ceil(ahead)))
 
 
 def check_finite(t: Tensor, name: str) -> None:

@@ -9,7 +9,15 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from .._checks import check_batch, check_inputs, check_period, check_step_output, check_tolerance, sum_is_finite
+from .._checks import (
+    check_batch,
+    check_inputs,
+    check_period,
+    check_step_output,
+    check_tolerance,
+    host_check,
+    sum_is_finite,
+)
 from ..errors import NonFiniteError
 from ..results import FixedPoint, Status, report
 
@@ -69,8 +77,10 @@ class ForwardSolver:
     per-sample masking stays on the device: a sample that converged keeps its result (later evaluations of
     it are discarded), a NaN is recorded with its iteration and raised at the next check, restarts are
     applied by mask. The result equals check_every=1's up to round-off (the active subset evaluated at a
-    time can differ, so kernels may see other batch shapes); at most check_every - 1 iterations are run
-    after the last sample converged.
+    time can differ, so kernels may see other batch shapes). A check also predicts, from the rate at which
+    each sample's residual fell since the previous one, when the slowest will stop, and the next check comes
+    then (never later than check_every): on tanh maps 0.05-0.7 iterations run past the last convergence on
+    average at check_every=8 instead of 3.5 (never more than check_every - 1).
     """
 
     tol: float | None = None
@@ -164,14 +174,19 @@ class ForwardSolver:
         # with period > 1: the iteration at which each sample first held a NaN/Inf (-1: never), read at a check
         first_bad = torch.full((B,), -1, dtype=torch.long, device=z.device) if period > 1 else None
         idx = None
+        next_check = 1
         for it in range(1, self.max_iter + 1):
             active = ~converged
-            if period == 1 or (it - 1) % period == 0:      # the host check: the only syncs of the iteration
+            if it == next_check:                            # the host check: the only syncs of the iteration
                 if first_bad is not None:
                     self._raise_recorded_nonfinite(first_bad)
-                n_active = int(active.sum())
+                # with period > 1 the next check comes when the slowest sample is predicted to stop (<= period)
+                gap = min(period, len(trace) - 1) if period > 1 else 0
+                n_active, ahead = host_check(active, period, trace[-1], trace[-1 - gap] if gap else None, gap,
+                                             self.atol + self.tol * ref_trace[-1] if gap else 0.0)
                 if n_active == 0:
                     break
+                next_check = it + ahead
                 idx = None if n_active == B else active.nonzero().squeeze(1)
             proposal = self._propose(state, z, fz)
             if self.damping:

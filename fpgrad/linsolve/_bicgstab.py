@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .._checks import check_period
+from .._checks import check_period, host_check
 from ._common import BREAKDOWN, MAX_ITER, LinearSolver, _Run, dot, safe
 
 
@@ -19,8 +19,9 @@ class BiCGSTAB(LinearSolver):
     Two matvecs per iteration (one when a sample converges at the half step); max_iter counts iterations.
     A breakdown (rho = <r_hat, r> or <r_hat, v> or omega ~ 0) ends the sample's cycle: it restarts from its
     true residual with r_hat = r; a breakdown right after such a restart is reported.
-    check_every: iterations between the host's checks (any sample still running? any needing the second half
-    step?), each a device -> host sync; None: 1 on the CPU, 8 on CUDA. Between checks the masks stay on the
+    check_every: most iterations between the host's checks (any sample still running?), each a device -> host
+    sync; None: 1 on the CPU, 8 on CUDA; the next check comes sooner where the residuals' rate predicts the
+    slowest sample's stop. Between checks the masks stay on the
     device (the second half step runs masked); the iterations run after the last sample stopped are dropped
     from the trace (their matvecs are counted).
     """
@@ -49,8 +50,15 @@ class BiCGSTAB(LinearSolver):
         active = members
         first = True
         period = check_period(self.check_every, run.b.device, self.name)
-        i = 0
-        while run.budget > 0 and ((period > 1 and i % period) or bool(active.any())):
+        i = next_check = 0
+        while run.budget > 0:
+            if i == next_check:           # the host check (period > 1: next when the slowest is predicted to stop)
+                gap = min(period, len(run.rows) - 1) if period > 1 else 0
+                n_active, ahead = host_check(active, period, run.rows[-1], run.rows[-1 - gap] if gap else None, gap,
+                                             run.threshold, count=False)
+                if n_active == 0:
+                    break
+                next_check = i + ahead
             i += 1
             rho = dot(r_hat, r)
             bad = active & ~(rho.abs() > eps * r_hat_norm * r.norm(dim=1))
