@@ -515,12 +515,37 @@ def table(root: Path) -> str:
 TABLE_START, TABLE_END = "<!-- table: python -m studies.discovery --readme -->", "<!-- /table -->"
 
 
-def fill_table(readme: str, text: str) -> str:
-    """`readme` with the text between TABLE_START and TABLE_END replaced by `text` (unchanged without them)."""
-    if TABLE_START not in readme or TABLE_END not in readme:
+def fill_table(readme: str, text: str, start: str = TABLE_START, end: str = TABLE_END) -> str:
+    """`readme` with the text between `start` and `end` replaced by `text` (unchanged without them)."""
+    if start not in readme or end not in readme:
         return readme
-    head, rest = readme.split(TABLE_START, 1)
-    return head + TABLE_START + "\n" + text + TABLE_END + rest.split(TABLE_END, 1)[1]
+    head, rest = readme.split(start, 1)
+    return head + start + "\n" + text + end + rest.split(end, 1)[1]
+
+
+# The training study's README (reports/training) carries the claims table between these markers
+# (studies/training/reading.py writes them); --arms-readme refreshes it there too.
+CLAIMS_START, CLAIMS_END = "<!-- claims: python -m studies.discovery --arms-readme reports/discovery/arms -->", \
+    "<!-- /claims -->"
+TRAINING_README = Path(__file__).resolve().parents[1] / "reports" / "training" / "README.md"
+
+
+def claims_in_training(claims: str) -> str:
+    """claims.md as the training study's README carries it (its targets heading one level down)."""
+    return claims.replace("\n## The issue's targets", "\n### The issue's targets").rstrip() + "\n"
+
+
+def refresh_training_readme(claims: str, path: Path = TRAINING_README) -> bool:
+    """Replace the claims table in the training study's README (between CLAIMS_START and CLAIMS_END); False
+    where the README or its markers are missing (then nothing is written)."""
+    if not path.exists():
+        return False
+    text = path.read_text()
+    new = fill_table(text, claims_in_training(claims), CLAIMS_START, CLAIMS_END)
+    if new == text:
+        return CLAIMS_START in text
+    _atomic_write_bytes(path, lambda f: f.write(new.encode()))
+    return True
 
 
 def figure(root: Path, path: Path) -> None:
@@ -835,6 +860,8 @@ def main(argv: list[str] | None = None) -> None:
             _atomic_write_bytes(variants / "table.md", lambda f: f.write(text.encode()))
         claims = claims_table(args.arms_readme)
         _atomic_write_bytes(args.arms_readme / "claims.md", lambda f: f.write(claims.encode()))
+        if args.arms_readme.resolve() == (Path(__file__).resolve().parents[1] / "reports" / "discovery" / "arms"):
+            refresh_training_readme(claims)          # the same table in reports/training/README.md
         print(claims)
         return
     if args.readme is not None:

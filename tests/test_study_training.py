@@ -91,3 +91,28 @@ def test_committed_report_regenerates_from_its_stored_rows():
     readme = (report / "README.md").read_text()
     paragraphs = reading(table, summary, more, rows[0]["config"]["iters"], rows)
     assert len(paragraphs) == 8 and all(p in readme for p in paragraphs)
+
+
+def test_the_committed_report_carries_the_discovery_arms_claims_from_their_stored_rows():
+    """reports/training/README.md reads the paper's claims from the discovery arms (issue #20): the table between
+    its markers is claims_table of the stored arm rows, as claims.md is (nothing rerun)."""
+    from studies import discovery
+    report = Path(__file__).parents[1] / "reports" / "training" / "README.md"
+    text = report.read_text()
+    inside = text.split(discovery.CLAIMS_START, 1)[1].split(discovery.CLAIMS_END, 1)[0]
+    arms = Path(__file__).parents[1] / "reports" / "discovery" / "arms"
+    assert inside == "\n" + discovery.claims_in_training(discovery.claims_table(arms))
+    assert (arms / "claims.md").read_text() == discovery.claims_table(arms)
+
+
+def test_refreshing_the_claims_replaces_only_the_text_between_the_markers(tmp_path):
+    from studies import discovery
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n\nbefore\n{discovery.CLAIMS_START}\nold\n{discovery.CLAIMS_END}\nafter\n")
+    assert discovery.refresh_training_readme("| new |\n\n## The issue's targets\n\nx\n", readme)
+    assert readme.read_text() == (f"# T\n\nbefore\n{discovery.CLAIMS_START}\n| new |\n\n### The issue's targets\n\nx\n"
+                                  f"{discovery.CLAIMS_END}\nafter\n")
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    assert not discovery.refresh_training_readme("| new |\n", bare) and bare.read_text() == "no markers\n"
+    assert not discovery.refresh_training_readme("| new |\n", tmp_path / "missing.md")
