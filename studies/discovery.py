@@ -192,13 +192,14 @@ def evaluate(model: SlotAutoencoder, scenes, batch: int = 64, iters: int | None 
     iterations (default: the trained iteration count, the cap for a solved forward), with fixed slot noise."""
     model.eval()
     noise = torch.Generator().manual_seed(TEST_SEED)
+    device = next(model.parameters()).device
     aris, errs = [], []
     with torch.no_grad():
         for i in range(0, len(scenes), batch):
-            images = scenes.images[i:i + batch]
+            images = scenes.images[i:i + batch].to(device)
             out = model(images, generator=noise, iters=model.iters if iters is None else iters)
-            aris.append(foreground_ari(scenes.labels[i:i + batch], out.segmentation()))
-            errs.append(((out.reconstruction - images) ** 2).mean((1, 2, 3)).double())
+            aris.append(foreground_ari(scenes.labels[i:i + batch], out.segmentation().cpu()))
+            errs.append(((out.reconstruction - images) ** 2).mean((1, 2, 3)).double().cpu())
     model.train()
     return {"fg_ari": float(torch.cat(aris).nanmean()), "mse": float(torch.cat(errs).mean())}
 
@@ -350,13 +351,18 @@ def _comparable(config: dict) -> dict:
 
 # ---- one run -------------------------------------------------------------------------------------------
 
-def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list[dict]:
+def train(config: dict, steps: int, out: Path, *, progress: bool = True,
+          device: str | torch.device | None = None) -> list[dict]:
     """Train (or resume) `config` in `out` up to `steps` steps; returns every row of the run.
 
     out/config.json: the settings (a rerun with other settings is refused); out/rows.jsonl: one row every
     `eval_every` steps and at the last step; out/ckpt.pt: the state after the last row (atomic).
+    device: where the model trains (default CPU). The scenes, slot noise and power-method vectors are drawn on the
+    CPU from the same seeded generators whatever the device, so a run differs between devices only by their
+    arithmetic; each row records the device it was trained on (a run may be resumed on another).
     """
     torch.set_num_threads(1)
+    device = torch.device("cpu" if device is None else device)
     out.mkdir(parents=True, exist_ok=True)
     config_path, rows_path, ckpt_path = out / "config.json", out / "rows.jsonl", out / "ckpt.pt"
     config = _comparable(config)
@@ -371,7 +377,7 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
     seed = int(config["seed"])
     data = dataset(config)
     test = data.sample(config["test_scenes"], torch.Generator().manual_seed(TEST_SEED))
-    model = build_model(config)
+    model = build_model(config).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config["lr"])
     data_gen = torch.Generator().manual_seed(1000 * seed + 1)
     noise_gen = torch.Generator().manual_seed(1000 * seed + 2)
@@ -382,7 +388,7 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
     if config["instruments"]:
         from fpgrad.contraction import GradientMonitor
         monitor = GradientMonitor(every=1, seed=seed)
-        monitor_images = test.images[:MONITOR_SCENES]
+        monitor_images = test.images[:MONITOR_SCENES].to(device)
     if config["penalty"]:
         from fpgrad.contraction import SpectralState, spectral_penalty
         from fpgrad.maps import slot_attention_step
@@ -393,11 +399,11 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
             return slot_attention_step(params, z, x, eps=sa.eps)
     rows = read_rows(rows_path)
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
-        data_gen.set_state(state["data_gen"])
-        noise_gen.set_state(state["noise_gen"])
+        data_gen.set_state(state["data_gen"].cpu())
+        noise_gen.set_state(state["noise_gen"].cpu())
         step, wall, cpu = state["step"], state["wall_seconds"], state["cpu_seconds"]
         spikes = GradientSpikes(state.get("grad_history"))
         if any(r["step"] > step for r in rows):       # a row written after the last checkpoint: redone below
@@ -413,7 +419,7 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
                "train_loss": loss_sum / loss_count if loss_count else None,
                "lr": learning_rate(config, max(step_now - 1, 0)), "wall_seconds": round(wall, 2),
                "cpu_seconds": round(cpu, 2),
-               "time": time.time()}
+               "time": time.time(), "device": device.type}
         if monitor is not None:
             row.update(instruments(model, config, monitor_images, step_now, monitor))
             row.update(spikes.since())
@@ -435,11 +441,14 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True) -> list
         record(0)
     bar = None
     if progress and step < steps:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, initial=step, desc=config["name"], mininterval=10)
+        try:
+            from tqdm import tqdm
+        except ImportError:          # (a bare GPU machine's python: the rows still say how far a run got)
+            tqdm = None
+        bar = None if tqdm is None else tqdm(total=steps, initial=step, desc=config["name"], mininterval=10)
     while step < steps:
         t0, c0 = time.perf_counter(), time.process_time()
-        images = data.sample(config["batch"], data_gen).images
+        images = data.sample(config["batch"], data_gen).images.to(device)
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(config, step)
         out_ = model(images, generator=noise_gen)
@@ -846,6 +855,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--penalty-iters", type=int, default=None, metavar="P", help="its warm power steps (4)")
     parser.add_argument("--penalty-smooth", type=float, default=None, metavar="H",
                         help="its Huber width (0.1; 0: the plain hinge)")
+    parser.add_argument("--device", default=None, help="train on this device (default cpu; e.g. cuda); the scenes "
+                        "and noise are drawn on the CPU from the same seeds")
     parser.add_argument("--quick", action="store_true", help="tiny model and scenes, a few steps")
     parser.add_argument("--readme", type=Path, default=None, metavar="ROOT",
                         help="write ROOT/table.md and ROOT/curves.png from the rows of every run under ROOT")
@@ -873,7 +884,10 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps if args.steps is not None else (4 if args.quick else 20_000)
     root = Path("reports/discovery") / ("arms" if args.arm else "")
     out = args.out if args.out is not None else root / config["name"]
-    rows = train(config, steps, out)
+    if args.device is not None and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__}); "
+                     "leave --device out to train on the CPU")
+    rows = train(config, steps, out, device=args.device)
     last = rows[-1]
     print(f"{config['name']}: step {last['step']}, FG-ARI {last['fg_ari']:.3f}, MSE {last['mse']:.4f}, "
           f"{last['wall_seconds'] / 60:.1f} min")

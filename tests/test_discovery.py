@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from studies import discovery
 
@@ -259,3 +260,28 @@ def test_the_targets_table_reads_each_penalised_seed_and_the_unrolled_baseline(t
     _fake_run(tmp_path / "short", "unrolled", 0, [(0, 0.0, 0.9), (20, 0.80, 2.0)])
     assert "best FG-ARI 0.800 | not yet |" in discovery.targets_table(tmp_path / "short", steps=30)
     assert "best FG-ARI 0.800 | missed |" in discovery.targets_table(tmp_path / "short", steps=20)
+
+
+def test_rows_record_the_device_and_a_missing_cuda_is_named(tmp_path, capsys):
+    config = discovery.config_of("", quick=True, arm="implicit-penalty")
+    rows = discovery.train(config, 2, tmp_path / "run", progress=False, device="cpu")
+    assert {r["device"] for r in rows} == {"cpu"}
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            discovery.main(["--quick", "--steps", "1", "--device", "cuda", "--out", str(tmp_path / "gpu")])
+        assert "has no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_arm_trains_on_cuda_and_resumes_on_the_cpu(tmp_path):
+    """Every arm on the GPU (the scenes and noise drawn on the CPU from the same seeds): the rows stay close to a CPU
+    run's, and a run trained on CUDA resumes on the CPU from its checkpoint."""
+    for arm in discovery.ARMS:
+        config = discovery.config_of("", quick=True, arm=arm)
+        gpu = discovery.train(config, 2, tmp_path / f"{arm}-cuda", progress=False, device="cuda")
+        cpu = discovery.train(config, 2, tmp_path / f"{arm}-cpu", progress=False)
+        assert [r["device"] for r in gpu] == ["cuda", "cuda"]
+        assert gpu[-1]["mse"] == pytest.approx(cpu[-1]["mse"], rel=0.05), arm
+        resumed = discovery.train(config, 4, tmp_path / f"{arm}-cuda", progress=False)
+        assert [r["device"] for r in resumed] == ["cuda", "cuda", "cpu"]
