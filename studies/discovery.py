@@ -813,6 +813,68 @@ def targets_table(root: Path, steps: int = 14_000) -> str:
     return "\n".join(lines) + "\n"
 
 
+def slot_cosine(slots: torch.Tensor) -> torch.Tensor:
+    """[B]: the mean cosine between distinct slots of each sample (1: every slot the same direction)."""
+    unit = slots / slots.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    K = slots.shape[1]
+    pairs = (unit @ unit.transpose(1, 2))[:, ~torch.eye(K, dtype=torch.bool, device=slots.device)]
+    return pairs.reshape(slots.shape[0], K * (K - 1)).mean(1)
+
+
+SYMMETRY_SCENES = 64
+
+
+def slot_symmetry(run: Path, scenes: int = SYMMETRY_SCENES) -> dict[str, Any]:
+    """A stored run's checkpoint on the first `scenes` test scenes: the slots as the model makes them (its trained
+    forward) and at a solved z* (Anderson to 1e-4, at most 100 steps, from the same initial slots): the mean
+    pairwise slot cosine, the fraction of z* solves that converged, and FG-ARI of both.
+
+    Slot attention is equivariant under permuting the slots, so a unique fixed point has every slot equal (a
+    permuted fixed point is a fixed point too); objects can be told apart only by a transient from the random
+    initial slots or at one of several fixed points. This measures which a trained model uses."""
+    config = {**DEFAULTS, **json.loads((run / "config.json").read_text())}
+    state = torch.load(run / "ckpt.pt", weights_only=False, map_location="cpu")
+    test = dataset(config).sample(config["test_scenes"], torch.Generator().manual_seed(TEST_SEED))
+    images, labels = test.images[:scenes], test.labels[:scenes]
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    model.eval()
+    out = {"step": state["step"]}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")               # a z* solve that stops short is counted, not printed
+        trained = model(images, generator=torch.Generator().manual_seed(TEST_SEED))
+        # z* of the same map from the same initial slots, whatever the arm's estimator
+        from fpgrad.forward import Anderson
+        m = model.slot_attention.as_map()
+        tokens = model.encoder(images)
+        z0 = m.init_state(tokens, torch.Generator().manual_seed(TEST_SEED))
+        solved = Anderson(tol=1e-4, max_iter=100, warn=False).solve(m.step, m.params, tokens, z0)
+        masks = model.decode(solved.z)[1]
+    out["cosine_trained"] = float(slot_cosine(trained.slots).mean())
+    out["fg_ari_trained"] = float(foreground_ari(labels, trained.segmentation()).nanmean())
+    out["cosine_z_star"] = float(slot_cosine(solved.z).mean())
+    out["fg_ari_z_star"] = float(foreground_ari(labels, masks.argmax(1)).nanmean())
+    out["z_star_converged"] = float(solved.converged.float().mean())
+    return out
+
+
+def symmetry_table(root: Path) -> str:
+    """Markdown: slot_symmetry of every arm run under root (and root/variants), from their checkpoints."""
+    lines = ["| arm | seed | step | slot cosine (trained forward) | FG-ARI | slot cosine at z* | FG-ARI at z* | "
+             "z* solves converged |", "|---|---|---|---|---|---|---|---|"]
+    folders = sorted(p.parent for p in root.glob("*/config.json")) + sorted(
+        p.parent for p in (root / "variants").glob("*/config.json"))
+    for folder in folders:
+        config = {**DEFAULTS, **json.loads((folder / "config.json").read_text())}
+        if not config.get("instruments") or not (folder / "ckpt.pt").exists():
+            continue
+        m = slot_symmetry(folder)
+        lines.append(f"| {_arm_of(config)} | {config['seed']} | {m['step']} | {_f(m['cosine_trained'])} | "
+                     f"{_f(m['fg_ari_trained'])} | {_f(m['cosine_z_star'])} | {_f(m['fg_ari_z_star'])} | "
+                     f"{_f(m['z_star_converged'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
 def claims_table(root: Path, steps: int = 14_000) -> str:
     """Markdown: per claim of the paper, what decides it here, the rule, the measured values and the verdict
     (from the finished arm runs under root; 'pending' names the runs still missing)."""
@@ -855,6 +917,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--penalty-iters", type=int, default=None, metavar="P", help="its warm power steps (4)")
     parser.add_argument("--penalty-smooth", type=float, default=None, metavar="H",
                         help="its Huber width (0.1; 0: the plain hinge)")
+    parser.add_argument("--symmetry", type=Path, default=None, metavar="ROOT",
+                        help="write ROOT/symmetry.md: the slots' mean pairwise cosine (trained forward and solved z*) "
+                        "from the checkpoint of every arm run under ROOT")
     parser.add_argument("--device", default=None, help="train on this device (default cpu; e.g. cuda); the scenes "
                         "and noise are drawn on the CPU from the same seeds")
     parser.add_argument("--quick", action="store_true", help="tiny model and scenes, a few steps")
@@ -877,6 +942,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.readme is not None:
         print(write_readme(args.readme, table, figure))
+        return
+    if args.symmetry is not None:
+        text = symmetry_table(args.symmetry)
+        _atomic_write_bytes(args.symmetry / "symmetry.md", lambda f: f.write(text.encode()))
+        print(text)
         return
     penalty = dict(penalty=args.penalty, penalty_target=args.penalty_target, penalty_iters=args.penalty_iters,
                    penalty_smooth=args.penalty_smooth)

@@ -285,3 +285,23 @@ def test_an_arm_trains_on_cuda_and_resumes_on_the_cpu(tmp_path):
         assert gpu[-1]["mse"] == pytest.approx(cpu[-1]["mse"], rel=0.05), arm
         resumed = discovery.train(config, 4, tmp_path / f"{arm}-cuda", progress=False)
         assert [r["device"] for r in resumed] == ["cuda", "cuda", "cpu"]
+
+
+def test_slot_cosine_reads_identical_and_orthogonal_slots():
+    same = torch.ones(2, 3, 4)
+    assert torch.allclose(discovery.slot_cosine(same), torch.ones(2))
+    assert torch.allclose(discovery.slot_cosine(torch.eye(3).unsqueeze(0)), torch.zeros(1))
+    assert discovery.slot_cosine(torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])).item() == pytest.approx(-1.0)
+
+
+def test_a_fresh_model_s_fixed_point_has_every_slot_the_same(tmp_path):
+    """Slot attention is equivariant under permuting the slots, and at initialisation contractive: its one fixed
+    point has identical slots, whatever the random initial slots; a few iterations from them are not (the
+    transient the unrolled and one-step arms train on). slot_symmetry measures both from a stored checkpoint."""
+    config = discovery.config_of("", quick=True, arm="one-step")
+    discovery.train(config, 0, tmp_path / "run", progress=False)             # step 0: the checkpoint of a fresh model
+    m = discovery.slot_symmetry(tmp_path / "run", scenes=8)
+    assert m["step"] == 0 and m["z_star_converged"] == 1.0
+    assert m["cosine_z_star"] > 0.999 and m["cosine_trained"] < m["cosine_z_star"] - 0.01
+    text = discovery.symmetry_table(tmp_path)
+    assert "| one-step | 0 | 0 |" in text and text.count("\n") == 3
