@@ -151,13 +151,14 @@ class SlotAutoencoder(nn.Module):
     tol, forward: the slot attention's forward (ImplicitSlotAttention): None (default) applies the step exactly
     `iters` times; a tolerance solves per sample to it with `forward` ("iterate" | "anderson" | "broyden"),
     `iters` being the cap (the exact implicit gradient at a converged z*).
+    slot_embedding: ImplicitSlotAttention's learned per-slot query offsets (slots no longer interchangeable).
     """
 
     def __init__(self, *, resolution: int = 32, num_slots: int = 5, slot_dim: int = 64, channels: int = 32,
                  iters: int = 3, backward: Union[str, Estimator] = "one_step", hidden_dim: int | None = None,
                  broadcast: int = 8, seed: int = 0, decoder_channels: int | None = None, decoder_layers: int = 0,
                  decoder_kernel: int = 3, decoder_first_kernel: int = 3, tol: float | None = None,
-                 forward: str = "iterate"):
+                 forward: str = "iterate", slot_embedding: bool = False):
         super().__init__()
         self.resolution, self.num_slots, self.slot_dim = resolution, num_slots, slot_dim
         if iters < 1:
@@ -167,7 +168,7 @@ class SlotAutoencoder(nn.Module):
         module_iters = iters      # ImplicitSlotAttention applies the step `iters` times for every estimator
         self.slot_attention = ImplicitSlotAttention(slot_dim, num_slots, module_iters, backward=backward,
                                                     hidden_dim=hidden_dim or 2 * slot_dim, seed=seed, tol=tol,
-                                                    forward=forward)
+                                                    forward=forward, slot_embedding=slot_embedding)
         self.decoder = SpatialBroadcastDecoder(resolution, slot_dim, decoder_channels or channels, broadcast,
                                                layers=decoder_layers, kernel=decoder_kernel,
                                                first_kernel=decoder_first_kernel)

@@ -51,6 +51,12 @@ class ImplicitSlotAttention(nn.Module):
     `forward` ("iterate" | "anderson" | "broyden").
     forward(inputs, return_info=True) also returns a CostRecord with the forward residuals and costs.
 
+    slot_embedding=True: a learned vector e_k per slot (N(0, 1) at init), added to slot k's normalised state
+    before its query. Without it the step is equivariant under permuting the slots, so a fixed point that is
+    unique (as a contraction's is) has every slot the same, and training at z* cannot separate objects
+    (reports/discovery/arms/README.md); with it slot k is slot k, and a unique fixed point can keep the slots
+    apart. The slot count is then fixed at num_slots.
+
     Contraction penalties: after a forward, `module.last` is a `SolvedState` (step, params, x, z), and
     `fpgrad.contraction.spectral_penalty(module, state=state)` / `frobenius_penalty(module, generator=g)` take
     the module (or a model holding one) directly:  loss = task + 0.1 * spectral_penalty(model, state=state).
@@ -78,7 +84,7 @@ class ImplicitSlotAttention(nn.Module):
                  *, eval_iters: int | None = None, input_dim: int | None = None,
                  hidden_dim: int | None = None, eps: float = 1e-8, tol: float | None = None,
                  forward: Union[str, ForwardSolver] = "iterate", seed: int | None = None,
-                 compile_step: bool = False):
+                 compile_step: bool = False, slot_embedding: bool = False):
         super().__init__()
         self.dim, self.num_slots, self.eps = dim, num_slots, eps
         self.iters = iters
@@ -106,6 +112,10 @@ class ImplicitSlotAttention(nn.Module):
         with torch.no_grad():
             for k, p in self.named_parameters():
                 p.copy_(init[k])
+        self.slot_embedding = None
+        if slot_embedding:
+            # one learned vector per slot, added before its query (see the class docstring)
+            self.slot_embedding = nn.Parameter(torch.randn(num_slots, dim, generator=g))
 
     def __getstate__(self) -> dict:
         # copy.deepcopy / pickle: `last` refers to the caller's graph (non-leaf tensors cannot be deep-copied)
@@ -118,6 +128,7 @@ class ImplicitSlotAttention(nn.Module):
         return {"dim": self.dim, "num_slots": self.num_slots, "iters": self.iters, "eval_iters": self.eval_iters,
                 "input_dim": self.input_dim, "hidden_dim": self.hidden_dim, "eps": self.eps, "tol": self.tol,
                 "backward": backward, "compile_step": self.compile_step,
+                "slot_embedding": self.slot_embedding is not None,
                 "forward": self.forward_method if isinstance(self.forward_method, str) else "iterate"}
 
     def save_checkpoint(self, path) -> None:

@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = dict(
     test_scenes=128, eval_every=500,
     # the arms (issue #20, section 2): the slot attention gradient, its forward, the spectral penalty, instruments
     estimator="unrolled", tol=None, forward="iterate", penalty=0.0, penalty_target=0.9, instruments=False,
-    backward_tol=None, backward_max_iter=None, penalty_iters=2, penalty_smooth=0.0,
+    backward_tol=None, backward_max_iter=None, penalty_iters=2, penalty_smooth=0.0, slot_embedding=False,
 )
 
 # The arms: what differs from the discovery configuration (each run with `instruments`). The exact implicit and
@@ -65,6 +65,9 @@ ARMS: dict[str, dict[str, Any]] = {
 # Ablations of an arm (the paper's: clipping, warm-up, the training iteration count).
 ABLATIONS: dict[str, dict[str, Any]] = {
     "clip": dict(clip=0.05), "no-warmup": dict(warmup=0), "iters7": dict(iters=7),
+    # not the paper's: a learned vector per slot added before its query, so that a unique (contractive) fixed point
+    # need not have every slot the same (see "every slot the same at z*" in reports/discovery/arms/README.md)
+    "slot-embedding": dict(slot_embedding=True),
 }
 TEST_TIME_ITERS = (1, 2, 3, 5, 7, 10, 15, 20)   # the last row of an arm: FG-ARI and MSE at these test-time iterations
 MONITOR_SCENES = 16                             # the first test scenes: the instruments' fixed batch
@@ -174,7 +177,8 @@ def build_model(config: dict) -> SlotAutoencoder:
                            tol=config["tol"], forward=config["forward"],
                            broadcast=config["broadcast"], decoder_channels=config["decoder_channels"],
                            decoder_layers=config["decoder_layers"], decoder_kernel=config["decoder_kernel"],
-                           decoder_first_kernel=config["decoder_first_kernel"], seed=config["seed"])
+                           decoder_first_kernel=config["decoder_first_kernel"], seed=config["seed"],
+                           slot_embedding=config["slot_embedding"])
 
 
 def learning_rate(config: dict, step: int) -> float:

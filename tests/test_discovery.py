@@ -305,3 +305,16 @@ def test_a_fresh_model_s_fixed_point_has_every_slot_the_same(tmp_path):
     assert m["cosine_z_star"] > 0.999 and m["cosine_trained"] < m["cosine_z_star"] - 0.01
     text = discovery.symmetry_table(tmp_path)
     assert "| one-step | 0 | 0 |" in text and text.count("\n") == 3
+
+
+def test_discovery_reuse_quick_solves_the_same_systems_with_every_reuse_option(tmp_path):
+    from studies import discovery_reuse
+    discovery_reuse.main(["--quick", "--out", str(tmp_path / "reuse.json")])
+    result = json.loads((tmp_path / "reuse.json").read_text())["results"]
+    assert set(result["backwards"]) == {"gmres", "precondition=forward", "initial_guess=forward", "gcrodr recycle",
+                                        "warm start"}
+    for name, r in result["backwards"].items():
+        assert len(r["vjps"]) == result["steps"] == 2 and min(r["vjps"]) > 0, name
+        # every option solves the same adjoint systems to 1e-4: the gradients agree to about that tolerance
+        assert r["capped_steps"] == 0 and r["rel_error_to_gmres"] < 1e-2, (name, r)
+    assert result["best"] in result["pays"] and set(result["pays"]) == set(result["backwards"]) - {"gmres"}

@@ -144,3 +144,33 @@ def test_map_without_init_asks_for_z0():
     m = fpgrad.maps.from_module(Step(2, 2).double(), name="lin")
     with pytest.raises(ValueError, match="pass z0"):
         m.init_state(torch.zeros(1, 2))
+
+
+@given(seed=st.integers(0, 2 ** 16), K=st.integers(2, 5))
+def test_the_slot_step_is_permutation_equivariant_unless_slots_are_embedded(seed, K):
+    """Permuting the slots permutes the step's output (why a unique fixed point has identical slots); with a
+    per-slot embedding it does not, and the gradient reaches the embedding."""
+    g = torch.Generator().manual_seed(seed)
+    layer = fpgrad.nn.ImplicitSlotAttention(8, K, seed=seed)
+    embedded = fpgrad.nn.ImplicitSlotAttention(8, K, seed=seed, slot_embedding=True)
+    z = torch.randn(2, K, 8, generator=g, dtype=torch.float32)
+    x = torch.randn(2, 6, 8, generator=g)
+    perm = torch.roll(torch.arange(K), 1)
+    step = fpgrad.maps.slot_attention_step
+    plain = layer.functional_params()
+    torch.testing.assert_close(step(plain, z[:, perm], x), step(plain, z, x)[:, perm], rtol=1e-5, atol=1e-6)
+    params = embedded.functional_params()
+    assert not torch.allclose(step(params, z[:, perm], x), step(params, z, x)[:, perm], atol=1e-4)
+    step(params, z, x).sum().backward()
+    assert embedded.slot_embedding.grad is not None and embedded.slot_embedding.grad.abs().sum() > 0
+
+
+def test_a_slot_embedding_is_saved_with_the_module_and_must_match_the_slot_count(tmp_path):
+    layer = fpgrad.nn.ImplicitSlotAttention(8, 3, seed=0, slot_embedding=True)
+    assert layer.config()["slot_embedding"] is True and layer.slot_embedding.shape == (3, 8)
+    layer.save_checkpoint(tmp_path / "layer.pt")
+    again = fpgrad.nn.ImplicitSlotAttention.load_checkpoint(tmp_path / "layer.pt")
+    torch.testing.assert_close(again.slot_embedding, layer.slot_embedding)
+    assert fpgrad.nn.ImplicitSlotAttention(8, 3, seed=0).config()["slot_embedding"] is False
+    with pytest.raises(fpgrad.errors.ShapeError, match="one row per slot"):
+        layer(torch.randn(2, 5, 8), slots=torch.randn(2, 4, 8))

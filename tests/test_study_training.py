@@ -101,8 +101,12 @@ def test_the_committed_report_carries_the_discovery_arms_claims_from_their_store
     text = report.read_text()
     inside = text.split(discovery.CLAIMS_START, 1)[1].split(discovery.CLAIMS_END, 1)[0]
     arms = Path(__file__).parents[1] / "reports" / "discovery" / "arms"
-    assert inside == "\n" + discovery.claims_in_training(discovery.claims_table(arms))
-    assert (arms / "claims.md").read_text() == discovery.claims_table(arms)
+    stored = (arms / "claims.md").read_text()
+    assert inside == "\n" + discovery.claims_in_training(stored)         # written together by --arms-readme
+    # the verdicts change only when a run finishes (the targets below them at every row of a running arm)
+    def claims(text):
+        return text.split("## The issue's targets")[0]
+    assert claims(stored) == claims(discovery.claims_table(arms))
 
 
 def test_refreshing_the_claims_replaces_only_the_text_between_the_markers(tmp_path):

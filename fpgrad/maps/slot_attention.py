@@ -16,6 +16,8 @@ def slot_attention_step(params: Params, slots: Tensor, inputs: Tensor, *, eps: f
 
     attn = softmax_K(q(LN(slots)) k(LN(inputs))^T / sqrt(D)) + eps, normalised over N;
     updates = attn v;  slots = GRU(updates, slots);  slots += MLP(LN(slots)).
+    With params["slot_embedding"] ([K, D], `ImplicitSlotAttention(slot_embedding=True)`) slot k's query is
+    q(LN(slots_k) + e_k): the step is then no longer equivariant under permuting the slots.
     """
     dim = slots.shape[-1]
     inputs = F.layer_norm(inputs, inputs.shape[-1:], params["norm_input.weight"], params["norm_input.bias"])
@@ -23,6 +25,13 @@ def slot_attention_step(params: Params, slots: Tensor, inputs: Tensor, *, eps: f
     v = inputs @ params["to_v.weight"].T                                          # [B, N, D]
     slots_prev = slots
     slots = F.layer_norm(slots, (dim,), params["norm_slots.weight"], params["norm_slots.bias"])
+    if "slot_embedding" in params:
+        embedding = params["slot_embedding"]
+        if embedding.shape[0] != slots.shape[-2]:
+            from ..errors import ShapeError
+            raise ShapeError(f"slot_attention_step: the slot embedding has {embedding.shape[0]} rows but the state "
+                             f"has {slots.shape[-2]} slots; it needs one row per slot")
+        slots = slots + embedding
     q = slots @ params["to_q.weight"].T                                           # [B, K, D]
     logits = torch.einsum("...kd,...nd->...kn", q, k) / math.sqrt(dim)
     attn = logits.softmax(dim=-2) + eps                                           # softmax over slots
