@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -192,7 +193,7 @@ class ImplicitSlotAttention(nn.Module):
             if not inside:
                 self._name_nonfinite_input(params, z0, inputs, where)
             raise
-        if not inside and not bool(torch.isfinite(z.detach().sum())):
+        if not inside and not math.isfinite(float(z.detach().sum())):
             self._name_nonfinite_input(params, z0, inputs, where)
             raise NonFiniteError(
                 f"{where}: the slots came out NaN/Inf although the inputs, the initial slots and every parameter "
@@ -205,9 +206,9 @@ class ImplicitSlotAttention(nn.Module):
         """Raise the error naming the input, initial slots or parameter that holds NaN/Inf (if one does)."""
         check_inputs(params, z0, inputs, where=where, check_values=True, z_name="initial slots", x_name="inputs")
 
-    def _solver(self, iters: int, measure_last: bool = True) -> ForwardSolver:
+    def _solver(self, iters: int, measure_last: bool = True, measure: bool = True) -> ForwardSolver:
         if self.tol is None:
-            return Iterate.exactly(iters, measure_last=measure_last)
+            return Iterate.exactly(iters, measure_last=measure_last, measure=measure)
         # the solver's own warning would name its max_iter; this module's knobs are iters / tol / forward
         return get_forward(self.forward_method, tol=self.tol, max_iter=iters, warn=False)
 
@@ -282,9 +283,13 @@ class ImplicitSlotAttention(nn.Module):
             solve_iters = max(iters - est.taped_steps_after_solve, 0)
         # under torch.compile the solver loop runs eagerly, outside the graph (see the class docstring)
         # steps taped after the solve evaluate f(z_T) anyway: the solve does not evaluate it once more to measure
-        solver = self._solver(solve_iters, measure_last=not est.taped_steps_after_solve)
+        # and with nobody to read the record (no return_info) the untaped loop keeps none: this module checks the
+        # finiteness of its output slots itself (_solve_named), the loop need not check z_T as well
+        taped_after = bool(est.taped_steps_after_solve)
+        solver = self._solver(solve_iters, measure_last=not taped_after, measure=return_info or not taped_after)
         z = self._solve_named(params, inputs, z0, solver, est, record, where, inside)
-        self.last = None if inside else SolvedState(self._step, params, inputs, z.detach())
+        # (straight into __dict__: nn.Module.__setattr__'s parameter / module / buffer lookups cost ~7 us a call)
+        self.__dict__["last"] = None if inside else SolvedState(self._step, params, inputs, z.detach())
         if self.tol is not None and not inside:
             self._warn_unconverged(record, iters)
         return (z, record) if return_info else z

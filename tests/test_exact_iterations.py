@@ -98,6 +98,57 @@ def test_measure_last_false_is_refused_with_a_stopping_test():
         Iterate(tol=1e-6, measure_last=False).solve(step, params, x, torch.zeros_like(x))
 
 
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(0, 8), damping=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 99))
+def test_exactly_T_without_measuring_is_the_hand_loop_in_T_evaluations_and_reports_no_residual(T, damping, seed):
+    step, params, x = tanh_map(seed=seed)
+    z0 = torch.zeros_like(x)
+    f, calls = counted(step)
+    fp = Iterate.exactly(T, damping, measure_last=False, measure=False).solve(f, params, x, z0)
+    torch.testing.assert_close(fp.z, hand_loop(step, params, x, z0, T, damping), rtol=0, atol=0)
+    assert len(calls) == fp.evaluations == T
+    assert fp.residuals.shape == (1, 3) and torch.isnan(fp.residuals).all() and torch.isnan(fp.relative_residual).all()
+    assert not fp.converged.any() and "no residual measured" in fp.message
+
+
+def test_exactly_T_without_measuring_makes_no_host_sync_at_all():
+    step, params, x = tanh_map()
+
+    def run(T):
+        Iterate.exactly(T, measure_last=False, measure=False).solve(step, params, x, torch.zeros_like(x), check=False)
+    r = syncs_per_iteration(run, "cpu", low=3, high=13)
+    assert r["per_iteration"] == 0 and r["per_call"] == 0, r
+
+
+def test_measure_false_is_refused_where_it_would_contradict_measure_last_or_a_stopping_test():
+    step, params, x = tanh_map()
+    with pytest.raises(ValueError, match="pass measure_last=False with it"):
+        Iterate.exactly(3, measure=False)
+    with pytest.raises(ValueError, match="as does measure=False"):
+        Iterate(tol=1e-6, measure_last=False, measure=False).solve(step, params, x, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("backward", ["one_step", "truncated-2"])
+def test_slot_attention_keeps_no_record_unless_asked_and_its_slots_and_gradients_do_not_change(backward):
+    m = ImplicitSlotAttention(16, 3, iters=4, backward=backward, seed=0).double()
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.randn(2, 10, 16, generator=g, dtype=torch.float64)
+    noise = torch.randn(2, 3, 16, generator=g, dtype=torch.float64)
+    weights = torch.randn(2, 3, 16, generator=g, dtype=torch.float64)
+    params = list(m.parameters())
+    lean = m(inputs, noise=noise)
+    recorded, record = m(inputs, noise=noise, return_info=True)
+    torch.testing.assert_close(lean, recorded, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad((lean * weights).sum(), params, allow_unused=True),
+                    torch.autograd.grad((recorded * weights).sum(), params, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # asked for, the record measures the untaped steps' residuals (all but z_T's, which the taped steps evaluate)
+    fp = record.forward[-1]
+    assert torch.isfinite(fp.residuals[:-1]).all() and fp.residuals.shape[0] == fp.evaluations + 1
+
+
 @pytest.mark.parametrize("estimator, forward_evals, taped", [
     (OneStep(), 4, 1),                 # Iterate.exactly(4) as its forward: 4 evaluations + the taped step
     (Truncated(2, T=6), 4, 2),         # T - k = 4 untaped steps, no extra evaluation to measure z_4

@@ -109,7 +109,8 @@ def solve_detached(step, params: Mapping[str, Tensor], x: Tensor, z0: Tensor, fo
     """
     keys = tuple(params)
     values = [params[k] for k in keys]
-    if not any(map(_wrapped, (x, z0, *values))):
+    if (torch._C._functorch.peek_interpreter_stack() is None and not torch.compiler.is_compiling()) \
+            or not any(map(_wrapped, (x, z0, *values))):
         # no torch.func transform to fold: the solver runs under no_grad, its output is already a constant
         return run_forward(step, forward, keys, record, x, z0.detach(), values)
     return _DetachedSolve.apply(step, forward, keys, record, x, z0.detach(), *[params[k] for k in keys])

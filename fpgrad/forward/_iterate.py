@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import check_step_output
 from ..results import FixedPoint, Status
 from ._common import ForwardSolver, _BatchedStep
 
@@ -22,21 +23,27 @@ class Iterate(ForwardSolver):
     (T + 1 step evaluations). False: exactly T evaluations, as a hand-written loop; the residual of z_T is then
     not measured (NaN in the last row of `residuals`): what one-step / truncated training uses, whose taped steps
     evaluate f(z_T) anyway.
+    measure: (only for `Iterate.exactly`) False: no residual is measured at all (`residuals` is one NaN row, status
+    MAX_ITER) and z_T's finiteness is left to the caller: the leanest loop, for a caller that checks its own output
+    and keeps no record (ImplicitSlotAttention's one-step / truncated training step without return_info).
     """
 
     measure_last: bool = True
+    measure: bool = True
 
     name = "iterate"
 
     @classmethod
-    def exactly(cls, steps: int, damping: float = 0.0, measure_last: bool = True) -> Iterate:
+    def exactly(cls, steps: int, damping: float = 0.0, measure_last: bool = True, measure: bool = True) -> Iterate:
         """Exactly `steps` plain iterations from z0, returning the last iterate: no stopping test, no
         best-iterate selection, no warning (what unrolled training and "T iterations" mean). Runs without a host
         sync per iteration (one finiteness check at the end)."""
         if int(steps) < 0:
             raise ValueError(f"Iterate.exactly: steps must be >= 0, got {steps}")
+        if not measure and measure_last:
+            raise ValueError("Iterate.exactly: measure=False measures no residual; pass measure_last=False with it")
         return cls(tol=0.0, atol=0.0, max_iter=int(steps), damping=damping, warn=False, return_best=False,
-                   measure_last=measure_last)
+                   measure_last=measure_last, measure=measure)
 
     @property
     def is_exact(self) -> bool:
@@ -50,9 +57,9 @@ class Iterate(ForwardSolver):
 
     def _loop(self, step, params, x, z0: Tensor) -> FixedPoint:
         if not self.is_exact:
-            if not self.measure_last:
-                raise ValueError("Iterate: measure_last=False needs exactly T steps (use Iterate.exactly(T, "
-                                 "measure_last=False)); a stopping test needs every residual")
+            if not self.measure_last or not self.measure:
+                raise ValueError("Iterate: measure_last=False needs exactly T steps, as does measure=False (use "
+                                 "Iterate.exactly(T, measure_last=False)); a stopping test needs every residual")
             return super()._loop(step, params, x, z0)
         return self._exact_loop(step, params, x, z0)
 
@@ -61,6 +68,19 @@ class Iterate(ForwardSolver):
         chunks and their residuals measured one chunk at a time (a handful of tensor ops per chunk, not per step);
         NaN/Inf is looked for once."""
         B, T, d = z0.shape[0], self.max_iter, self.damping
+        if not self.measure:                 # a bare loop on the state's own shape: the caller checks what it returns
+            z = z0
+            for t in range(T):
+                fz = step(params, z, x)
+                if t == 0 or not isinstance(fz, Tensor) or fz.shape != z.shape:
+                    check_step_output(z, fz, "fpgrad.solve", call=t + 1)
+                z = fz if d == 0.0 else z + (1.0 - d) * (fz - z)
+            nan = torch.full((1, B), float("nan"), dtype=z.dtype, device=z.device)
+            return FixedPoint(z, torch.full((B,), T, dtype=torch.long, device=z.device),
+                              nan, torch.zeros(B, dtype=torch.bool, device=z.device), nan, self.name,
+                              f"{self.name}: exactly {T} step(s) from z0 ({T} evaluations; no residual measured)",
+                              T, {},
+                              torch.full((B,), int(Status.MAX_ITER), dtype=torch.long, device=z.device), None)
         f = _BatchedStep(step, params, x, z0.shape[1:])
         z = z0.reshape(B, math.prod(z0.shape[1:]))
         tiny = torch.finfo(z.dtype).tiny
@@ -92,7 +112,7 @@ class Iterate(ForwardSolver):
             rel_trace.append(nan)
         residuals, relative = torch.cat(trace), torch.cat(rel_trace)
         # one host sync: z_T is finite (a sum propagates NaN / Inf; a sum that overflowed is looked at closer)
-        if not bool(torch.isfinite(z.sum())):
+        if not math.isfinite(float(z.sum())):
             self._check_finite(torch.ones(B, dtype=torch.bool, device=z.device), T, z)
         if self.measure_last:
             last, last_rel = residuals[-1], relative[-1]
