@@ -19,6 +19,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -355,6 +356,28 @@ def _comparable(config: dict) -> dict:
 
 # ---- one run -------------------------------------------------------------------------------------------
 
+COLLAPSE_ROWS = 10           # logged rows (every 500 steps: 5,000 steps) a collapsed run has stayed flat
+COLLAPSE_MSE = 0.005         # relative spread of the test MSE over those rows
+COLLAPSE_FG_ARI = 0.05       # and FG-ARI below this in every one of them
+
+
+def collapsed_since(rows: list[dict]) -> int | None:
+    """The step from which a run has stayed collapsed, or None: its last COLLAPSE_ROWS logged rows (or more) all
+    have FG-ARI below COLLAPSE_FG_ARI and a test MSE within COLLAPSE_MSE of the last row's: the decoder paints
+    one picture (the scenes' mean image) whatever the slots, and no gradient moves it out (seen: one-step without
+    warm-up, flat at MSE 0.0681 from step 500 to 6000). Such a run is stopped and counts as finished: its last
+    row is its result. (A collapsed network also runs 5-10x slower a step on a CPU, on denormal numbers.)"""
+    if len(rows) < COLLAPSE_ROWS or rows[-1].get("mse") is None:
+        return None
+    last, flat = rows[-1]["mse"], 0
+    for row in reversed(rows):
+        mse, ari = row.get("mse"), row.get("fg_ari")
+        if mse is None or ari is None or ari >= COLLAPSE_FG_ARI or abs(mse - last) > COLLAPSE_MSE * last:
+            break
+        flat += 1
+    return rows[-flat]["step"] if flat >= COLLAPSE_ROWS else None
+
+
 def train(config: dict, steps: int, out: Path, *, progress: bool = True,
           device: str | torch.device | None = None) -> list[dict]:
     """Train (or resume) `config` in `out` up to `steps` steps; returns every row of the run.
@@ -443,6 +466,12 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True,
 
     if not rows:
         record(0)
+    since = collapsed_since(rows)
+    if since is not None and step < steps:
+        print(f"discovery: {config['name']} has been collapsed since step {since} (FG-ARI < {COLLAPSE_FG_ARI}, test "
+              f"MSE flat at {rows[-1]['mse']:.4f}); not resumed: it counts as finished at step {step}",
+              file=sys.stderr)
+        return rows
     bar = None
     if progress and step < steps:
         try:
@@ -485,6 +514,12 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True,
             record(step)
             if bar is not None:
                 bar.set_postfix(fg_ari=f"{rows[-1]['fg_ari']:.3f}", mse=f"{rows[-1]['mse']:.4f}")
+            since = collapsed_since(rows)
+            if since is not None and step < steps:
+                print(f"\ndiscovery: {config['name']} collapsed at step {since} (FG-ARI < {COLLAPSE_FG_ARI}, test MSE "
+                      f"flat at {rows[-1]['mse']:.4f} over {COLLAPSE_ROWS}+ rows); stopped at step {step}, counted "
+                      "as finished", file=sys.stderr)
+                break
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -702,9 +737,10 @@ PAPER_SETTING = ("the paper: SLATE (and slot attention) on CLEVR-Mirror and othe
 
 
 def _finished(root: Path, steps: int) -> dict[tuple[str, int], list[dict]]:
-    """(arm [+ ablation], seed) -> rows of the arm runs under root that reached `steps`."""
+    """(arm [+ ablation], seed) -> rows of the arm runs under root that reached `steps` or collapsed (see
+    collapsed_since: stopped early, their last row is their result)."""
     return {(_arm_of(c), int(c["seed"])): rows for c, rows in runs_under(root)
-            if c.get("instruments") and rows[-1]["step"] >= steps}
+            if c.get("instruments") and (rows[-1]["step"] >= steps or collapsed_since(rows) is not None)}
 
 
 _PAIR = ("unrolled", "one-step")
@@ -886,8 +922,12 @@ def claims_table(root: Path, steps: int = 14_000) -> str:
     lines = ["| claim | decided by | supported when | measured | verdict |", "|---|---|---|---|---|"]
     for (claim, figure, rule), (values, verdict) in zip(CLAIMS, _verdict_rows(done, steps)):
         lines.append(f"| {claim} | {figure} | {rule} | {values} | {verdict} |")
+    def named(arm, seed):
+        since = collapsed_since(done[(arm, seed)])
+        return f"{arm} s{seed}" + ("" if since is None else f" (collapsed at step {since}, stopped at "
+                                                            f"{done[(arm, seed)][-1]['step']})")
     lines += ["", f"What differs: {PAPER_SETTING}. Finished runs ({steps} steps): "
-              + (", ".join(f"{a} s{s}" for a, s in sorted(done)) or "none yet") + ".",
+              + (", ".join(named(a, s) for a, s in sorted(done)) or "none yet") + ".",
               "", "## The issue's targets", "", targets_table(root, steps)]
     return "\n".join(lines)
 

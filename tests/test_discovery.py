@@ -233,6 +233,31 @@ def test_the_claims_table_decides_from_finished_runs_only_and_names_what_is_miss
     assert "Finished runs (14000 steps): none yet." in pending
 
 
+def _rows(values):
+    return [dict(step=500 * i, fg_ari=ari, mse=mse) for i, (ari, mse) in enumerate(values)]
+
+
+def test_a_run_flat_at_one_picture_for_ten_rows_is_collapsed_and_no_other():
+    n = discovery.COLLAPSE_ROWS
+    flat = _rows([(0.04, 0.2)] + [(0.001, 0.0681 * (1 + 0.002 * (-1) ** i)) for i in range(n)])
+    assert discovery.collapsed_since(flat) == 500
+    assert discovery.collapsed_since(flat[:-1]) is None                              # one row short of the span
+    assert discovery.collapsed_since(_rows([(0.001, 0.0681)] * (n - 1) + [(0.001, 0.0600)])) is None   # MSE moved
+    assert discovery.collapsed_since(_rows([(0.001, 0.0681)] * (n - 1) + [(0.2, 0.0681)])) is None     # objects found
+    falling = _rows([(0.01, 0.05 * 0.98 ** i) for i in range(3 * n)])                # still learning: not flat
+    assert discovery.collapsed_since(falling) is None
+
+
+def test_a_collapsed_run_is_stopped_not_resumed_and_counts_as_finished(tmp_path, monkeypatch):
+    config = {**discovery.config_of("", quick=True, arm="one-step", ablation="no-warmup"), "eval_every": 1}
+    monkeypatch.setattr(discovery, "collapsed_since", lambda rows: 1 if len(rows) >= 2 else None)
+    rows = discovery.train(config, 6, tmp_path / config["name"], progress=False)
+    assert [r["step"] for r in rows] == [0, 1]                                        # stopped at its first row
+    assert [r["step"] for r in discovery.train(config, 6, tmp_path / config["name"], progress=False)] == [0, 1]
+    assert discovery._finished(tmp_path, 6)                                          # decided though short of 6
+    assert "one-step + no-warmup s0 (collapsed at step 1, stopped at 1)" in discovery.claims_table(tmp_path, 6)
+
+
 def _fake_run(root, arm, seed, values):
     """A stored arm run: config.json and one row per (step, fg_ari, rho_star)."""
     run = root / f"{arm}-{seed}"
