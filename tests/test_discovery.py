@@ -343,3 +343,32 @@ def test_discovery_reuse_quick_solves_the_same_systems_with_every_reuse_option(t
         # every option solves the same adjoint systems to 1e-4: the gradients agree to about that tolerance
         assert r["capped_steps"] == 0 and r["rel_error_to_gmres"] < 1e-2, (name, r)
     assert result["best"] in result["pays"] and set(result["pays"]) == set(result["backwards"]) - {"gmres"}
+
+
+def test_the_dense_radius_of_a_linear_step_is_its_matrix_spectral_radius():
+    from studies.discovery_penalty_bias import dense_radius
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 6, 6, generator=g, dtype=torch.float64) / 3        # per scene, on the flattened [3, 2] state
+
+    def step(params, z, x):                  # z: [1, 3, 2], x: [1, 6, 6] (the scene's matrix)
+        return (x[0] @ z.reshape(-1)).reshape(z.shape)
+    z = torch.randn(2, 3, 2, generator=g, dtype=torch.float64)
+    expected = torch.linalg.eigvals(A).abs().amax(dim=1)
+    torch.testing.assert_close(torch.tensor(dense_radius(step, {}, z, A), dtype=torch.float64), expected)
+
+
+def test_the_penalty_bias_instrument_reruns_a_penalised_run_and_compares_its_estimate_with_the_dense_radius(tmp_path):
+    from studies import discovery_penalty_bias
+    config = discovery.config_of("", quick=True, arm="implicit-penalty")
+    run = tmp_path / config["name"]
+    discovery.train(config, 2, run, progress=False)
+    result = discovery_penalty_bias.measure(run, batches=1, quick=True)
+    rows, s = result["rows"], result["summary"]
+    assert len(rows) == s["scenes"] == 4 and result["checkpoint_step"] == 2
+    for r in rows:                           # 100 power steps converge to the dense radius, not past it
+        assert r["dense"] > 0 and r["cold_100"] <= r["dense"] * (1 + 1e-3)
+    assert s["ratio_min"] <= s["ratio_median"] and s["cold_100_ratio_median"] == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(SystemExit, match="not a penalised run"):
+        plain = discovery.config_of("", quick=True, arm="one-step")
+        discovery.train(plain, 1, tmp_path / plain["name"], progress=False)
+        discovery_penalty_bias.measure(tmp_path / plain["name"], batches=1, quick=True)
