@@ -16,7 +16,7 @@ import time
 from benchmarks import _common as C
 
 BENCHMARKS = ("adjoint_solve", "solver_overhead", "forward_solve", "memory", "spectral_radius", "silent_failures",
-              "vmap", "reuse", "contraction", "recipe_overhead")
+              "vmap", "reuse", "contraction", "recipe_overhead", "dispatch")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 from benchmarks import _common as C
 
 ORDER = ("adjoint_solve", "solver_overhead", "forward_solve", "memory", "spectral_radius", "silent_failures", "vmap",
-         "reuse", "recipe_overhead", "contraction")
+         "reuse", "recipe_overhead", "contraction", "dispatch")
 
 
 def _description(name: str, dtype: str = "float64") -> str:

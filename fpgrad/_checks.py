@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Mapping
 
@@ -50,13 +51,27 @@ def sum_is_finite(t: Tensor, dim: int | None = None) -> Tensor:
 
 
 CUDA_CHECK_PERIOD = 8     # iterations between host checks on CUDA when a solver's check_every is None
+_EMULATE_CUDA = [False]   # set by emulate_cuda_checks: the CUDA defaults on any device
+
+
+@contextlib.contextmanager
+def emulate_cuda_checks():
+    """Within the block, solver loops whose check_every is None use the CUDA default (CUDA_CHECK_PERIOD) on any
+    device: a CPU run then dispatches the operations a GPU run would (benchmarks/dispatch.py counts them)."""
+    previous = _EMULATE_CUDA[0]
+    _EMULATE_CUDA[0] = True
+    try:
+        yield
+    finally:
+        _EMULATE_CUDA[0] = previous
 
 
 def check_period(check_every: int | None, device: torch.device | str, where: str) -> int:
     """Iterations between a solver loop's host checks (each a device -> host sync): `check_every`, validated, or
     its default, 1 on the CPU (where nothing syncs) and CUDA_CHECK_PERIOD on CUDA."""
     if check_every is None:
-        return CUDA_CHECK_PERIOD if torch.device(device).type == "cuda" else 1
+        cuda = _EMULATE_CUDA[0] or torch.device(device).type == "cuda"
+        return CUDA_CHECK_PERIOD if cuda else 1
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"{where}: check_every must be an int >= 1 (iterations between host checks) or None "
                          f"(1 on the CPU, {CUDA_CHECK_PERIOD} on CUDA), got {check_every!r}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import torch
 
 MODULES = ["_common", "adjoint_solve", "solver_overhead", "forward_solve", "memory", "spectral_radius",
-           "silent_failures", "vmap", "targets", "run_all", "contraction", "recipe_overhead", "gpu"]
+           "silent_failures", "vmap", "targets", "run_all", "contraction", "recipe_overhead", "gpu", "dispatch"]
 
 
 
@@ -45,3 +46,27 @@ def test_truncated_series_at_unstable_fixed_point_carry_their_residual(silent_ro
     assert row["fpgrad"]["class"] == "flagged-in-result", row["fpgrad"]
     assert "leaves a relative residual" in row["fpgrad"]["detail"]
 
+
+
+def test_dispatch_counts_what_a_gpu_step_would_dispatch_with_cuda_check_periods(tmp_path):
+    """The dispatch benchmark's counts move with what it claims to count: emulating the CUDA check period cuts
+    fpgrad's host syncs (checks every 8 iterations, not every one), and the counts are positive integers."""
+    import json
+
+    import fpgrad
+    from benchmarks import dispatch
+    from benchmarks.gpu import tanh_case
+    from fpgrad.estimators import Implicit
+    case = tanh_case(64, 8, torch.device("cpu"), 0)
+    run_ = lambda: fpgrad.fixed_point(case.step, case.params, case.x, case.z0,            # noqa: E731
+                                      forward=fpgrad.forward.get_forward("anderson", tol=1e-4, max_iter=300),
+                                      backward=Implicit(solver="gmres", tol=1e-4))
+    plain = dispatch.count(run_)
+    from fpgrad._checks import emulate_cuda_checks
+    with emulate_cuda_checks():
+        emulated = dispatch.count(run_)
+    assert 0 < emulated["host_syncs"] < plain["host_syncs"]
+    assert 0 < emulated["kernel_like_ops"] < emulated["top_level_ops"] * 3
+    dispatch.main(["--quick", "--out", str(tmp_path / "dispatch.json")])
+    rows = json.loads((tmp_path / "dispatch.json").read_text())["results"]["rows"]
+    assert {r["library"] for r in rows} >= {"fpgrad"} and all(r["top_level_ops"] > 0 for r in rows)
