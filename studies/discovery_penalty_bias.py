@@ -11,7 +11,9 @@ computes per scene the dense Jacobian of the slot attention step at the same z a
 (torch.linalg.eigvals in float64), and cold power estimates with more steps. Written: per batch and scene the
 dense rho, the penalty's estimate and its residual, the 20- and 100-step estimates; and summaries (the median
 and smallest ratio estimate / dense, the largest dense rho against the largest estimate, the scenes whose dense
-rho is >= 1 while the estimate is below the target).
+rho is >= 1 while the estimate is below the target). Beside them, k Arnoldi steps on J^T from a random start (k
+VJPs, no warm start: the largest |Ritz value| of the k x k Hessenberg matrix), for k in ARNOLDI_STEPS: what a
+Krylov estimate would see for the products the penalty spends (4 power steps cost 4 x 4 + 2 products).
 
     python -m studies.discovery_penalty_bias [--run RUN] [--batches 3] [--quick] [--out JSON]
 
@@ -33,6 +35,7 @@ import torch
 
 from studies import discovery
 
+ARNOLDI_STEPS = (4, 8, 16)      # Krylov estimates beside the power steps: k Arnoldi steps cost k VJPs
 DEFAULT_RUN = Path("reports/discovery/arms/plain-fullres-k6-implicit-penalty-slot-embedding")
 
 
@@ -46,6 +49,27 @@ def dense_radius(step, params, z: torch.Tensor, x: torch.Tensor) -> list[float]:
         J = torch.func.jacrev(one)(z[b].reshape(-1))
         out.append(float(torch.linalg.eigvals(J.double()).abs().max()))
     return out
+
+
+def arnoldi_radius(step, params, z: torch.Tensor, x: torch.Tensor, k: int, generator: torch.Generator) -> list[float]:
+    """Per sample, the largest |Ritz value| after k Arnoldi steps on J^T (k VJPs, batched; same spectrum as J)
+    from a random start, classical Gram-Schmidt applied twice, the k x k Hessenberg's eigenvalues in float64."""
+    B = z.shape[0]
+    _, vjp = torch.func.vjp(lambda zz: step(params, zz, x), z)
+    v = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device).reshape(B, -1)
+    basis = [v / v.norm(dim=1, keepdim=True)]
+    H = torch.zeros(B, k + 1, k, dtype=torch.float64, device=z.device)
+    for j in range(k):
+        w = vjp(basis[j].reshape(z.shape))[0].reshape(B, -1)
+        for _ in range(2):
+            for i, q in enumerate(basis):
+                h = (q * w).sum(dim=1)
+                H[:, i, j] += h.double()
+                w = w - h.unsqueeze(1) * q
+        norm = w.norm(dim=1)
+        H[:, j + 1, j] = norm.double()
+        basis.append(w / norm.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(1))
+    return torch.linalg.eigvals(H[:, :k, :k]).abs().amax(dim=1).tolist()
 
 
 def measure(run: Path, batches: int, seed: int = 7, quick: bool = False) -> dict:
@@ -85,9 +109,11 @@ def measure(run: Path, batches: int, seed: int = 7, quick: bool = False) -> dict
         cold = {n: spectral_estimate(step, params, z, tokens, iters=n,
                                      generator=torch.Generator().manual_seed(seed + 3)).value.detach().tolist()
                 for n in (20, 100)}
+        arnoldi = {n: arnoldi_radius(step, params, z, tokens, n, torch.Generator().manual_seed(seed + 4))
+                   for n in ARNOLDI_STEPS}
         dense = dense_radius(step, params, z, tokens)
         rows += [{"batch": k, "scene": i, "dense": d, "penalty_estimate": e, "penalty_residual": r,
-                  "cold_20": c20, "cold_100": c100}
+                  "cold_20": c20, "cold_100": c100, **{f"arnoldi_{n}": arnoldi[n][i] for n in ARNOLDI_STEPS}}
                  for i, (d, e, r, c20, c100) in enumerate(zip(dense, estimate, residual, cold[20], cold[100]))]
         print(f"batch {k}: dense rho max {max(dense):.3f}, the penalty's estimate max {max(estimate):.3f}",
               file=sys.stderr)
@@ -101,6 +127,9 @@ def measure(run: Path, batches: int, seed: int = 7, quick: bool = False) -> dict
         "estimate_mean": statistics.fmean(r["penalty_estimate"] for r in rows),
         "cold_20_ratio_median": statistics.median(r["cold_20"] / r["dense"] for r in rows),
         "cold_100_ratio_median": statistics.median(r["cold_100"] / r["dense"] for r in rows),
+        **{f"arnoldi_{n}_ratio_median": statistics.median(r[f"arnoldi_{n}"] / r["dense"] for r in rows)
+           for n in ARNOLDI_STEPS},
+        **{f"arnoldi_{n}_ratio_min": min(r[f"arnoldi_{n}"] / r["dense"] for r in rows) for n in ARNOLDI_STEPS},
         "dense_at_least_1": sum(r["dense"] >= 1.0 for r in rows),
         "dense_at_least_1_estimate_below_target": len(blind),
         "residual_median": statistics.median(r["penalty_residual"] for r in rows),
@@ -132,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['dense_max']:.3f} vs estimate max {s['estimate_max']:.3f}; {s['dense_at_least_1']} scenes with dense "
           f"rho >= 1, {s['dense_at_least_1_estimate_below_target']} of them estimated below the target "
           f"{s['target']}; 20 / 100 cold steps: median ratio {s['cold_20_ratio_median']:.2f} / "
-          f"{s['cold_100_ratio_median']:.2f}. Wrote {out}")
+          f"{s['cold_100_ratio_median']:.2f}; Arnoldi " + ", ".join(
+              f"{n} VJPs: median {s[f'arnoldi_{n}_ratio_median']:.2f} (min {s[f'arnoldi_{n}_ratio_min']:.2f})"
+              for n in ARNOLDI_STEPS) + f". Wrote {out}")
     return 0
 
 

@@ -355,6 +355,10 @@ def test_the_dense_radius_of_a_linear_step_is_its_matrix_spectral_radius():
     z = torch.randn(2, 3, 2, generator=g, dtype=torch.float64)
     expected = torch.linalg.eigvals(A).abs().amax(dim=1)
     torch.testing.assert_close(torch.tensor(dense_radius(step, {}, z, A), dtype=torch.float64), expected)
+    # k = n Arnoldi steps span the whole space: the Hessenberg matrix is similar to J^T, same spectral radius
+    from studies.discovery_penalty_bias import arnoldi_radius
+    full = arnoldi_radius(step, {}, z, A, 6, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(torch.tensor(full, dtype=torch.float64), expected)
 
 
 def test_the_penalty_bias_instrument_reruns_a_penalised_run_and_compares_its_estimate_with_the_dense_radius(tmp_path):
