@@ -350,8 +350,8 @@ def test_the_dense_radius_of_a_linear_step_is_its_matrix_spectral_radius():
     g = torch.Generator().manual_seed(0)
     A = torch.randn(2, 6, 6, generator=g, dtype=torch.float64) / 3        # per scene, on the flattened [3, 2] state
 
-    def step(params, z, x):                  # z: [1, 3, 2], x: [1, 6, 6] (the scene's matrix)
-        return (x[0] @ z.reshape(-1)).reshape(z.shape)
+    def step(params, z, x):                  # z: [B, 3, 2], x: [B, 6, 6] (each scene's matrix)
+        return torch.einsum("bij,bj->bi", x, z.reshape(z.shape[0], -1)).reshape(z.shape)
     z = torch.randn(2, 3, 2, generator=g, dtype=torch.float64)
     expected = torch.linalg.eigvals(A).abs().amax(dim=1)
     torch.testing.assert_close(torch.tensor(dense_radius(step, {}, z, A), dtype=torch.float64), expected)
