@@ -13,7 +13,9 @@ dense rho, the penalty's estimate and its residual, the 20- and 100-step estimat
 and smallest ratio estimate / dense, the largest dense rho against the largest estimate, the scenes whose dense
 rho is >= 1 while the estimate is below the target). Beside them, k Arnoldi steps on J^T from a random start (k
 VJPs, no warm start: the largest |Ritz value| of the k x k Hessenberg matrix), for k in ARNOLDI_STEPS: what a
-Krylov estimate would see for the products the penalty spends (4 power steps cost 4 x 4 + 2 products).
+Krylov estimate would see for the products the penalty spends (4 power steps cost 4 x 4 + 2 products); and the
+penalty itself with `krylov=K, iters=1` (K Arnoldi steps on J and on J^T from its stored vectors, 2K + 6 products),
+its state carried from batch to batch as training would.
 
     python -m studies.discovery_penalty_bias [--run RUN] [--batches 3] [--quick] [--out JSON]
 
@@ -36,6 +38,7 @@ import torch
 from studies import discovery
 
 ARNOLDI_STEPS = (4, 8, 16)      # Krylov estimates beside the power steps: k Arnoldi steps cost k VJPs
+KRYLOV = (8, 16)                # the penalty itself with krylov=K, iters=1 (2K + 6 products a call)
 DEFAULT_RUN = Path("reports/discovery/arms/plain-fullres-k6-implicit-penalty-slot-embedding")
 
 
@@ -91,6 +94,9 @@ def measure(run: Path, batches: int, seed: int = 7, quick: bool = False) -> dict
     def step(params, z, x):
         return slot_attention_step(params, z, x, eps=sa.eps)
     state = SpectralState(generator=torch.Generator().manual_seed(seed + 2), cold_iters=20)
+    # the same penalty with a Krylov start (spectral_penalty(..., krylov=K, iters=1)), each with its own state
+    krylov_states = {K: SpectralState(generator=torch.Generator().manual_seed(seed + 2), cold_iters=20)
+                     for K in KRYLOV}
     target, iters = config["penalty_target"], config["penalty_iters"]
     rows = []
     batch = 4 if quick else config["batch"]
@@ -103,6 +109,9 @@ def measure(run: Path, batches: int, seed: int = 7, quick: bool = False) -> dict
         params = {n: p.detach() for n, p in sa.functional_params().items()}
         spectral_penalty(step, params, z, tokens, target=target, state=state, iters=iters,
                          smooth=config["penalty_smooth"])
+        for K, st in krylov_states.items():
+            spectral_penalty(step, params, z, tokens, target=target, state=st, iters=1, krylov=K,
+                             smooth=config["penalty_smooth"])
         if k == 0:                                  # the cold start: training's first step, not its usual one
             continue
         estimate, residual = state.last.tolist(), state.residual.tolist()
@@ -113,7 +122,8 @@ def measure(run: Path, batches: int, seed: int = 7, quick: bool = False) -> dict
                    for n in ARNOLDI_STEPS}
         dense = dense_radius(step, params, z, tokens)
         rows += [{"batch": k, "scene": i, "dense": d, "penalty_estimate": e, "penalty_residual": r,
-                  "cold_20": c20, "cold_100": c100, **{f"arnoldi_{n}": arnoldi[n][i] for n in ARNOLDI_STEPS}}
+                  "cold_20": c20, "cold_100": c100, **{f"arnoldi_{n}": arnoldi[n][i] for n in ARNOLDI_STEPS},
+                  **{f"penalty_krylov_{K}": krylov_states[K].last[i].item() for K in KRYLOV}}
                  for i, (d, e, r, c20, c100) in enumerate(zip(dense, estimate, residual, cold[20], cold[100]))]
         print(f"batch {k}: dense rho max {max(dense):.3f}, the penalty's estimate max {max(estimate):.3f}",
               file=sys.stderr)
@@ -130,6 +140,10 @@ def measure(run: Path, batches: int, seed: int = 7, quick: bool = False) -> dict
         **{f"arnoldi_{n}_ratio_median": statistics.median(r[f"arnoldi_{n}"] / r["dense"] for r in rows)
            for n in ARNOLDI_STEPS},
         **{f"arnoldi_{n}_ratio_min": min(r[f"arnoldi_{n}"] / r["dense"] for r in rows) for n in ARNOLDI_STEPS},
+        **{f"penalty_krylov_{K}_ratio_median": statistics.median(r[f"penalty_krylov_{K}"] / r["dense"] for r in rows)
+           for K in KRYLOV},
+        **{f"penalty_krylov_{K}_ratio_min": min(r[f"penalty_krylov_{K}"] / r["dense"] for r in rows) for K in KRYLOV},
+        **{f"penalty_krylov_{K}_products": 2 * K + 6 for K in KRYLOV},
         "dense_at_least_1": sum(r["dense"] >= 1.0 for r in rows),
         "dense_at_least_1_estimate_below_target": len(blind),
         "residual_median": statistics.median(r["penalty_residual"] for r in rows),
@@ -163,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['target']}; 20 / 100 cold steps: median ratio {s['cold_20_ratio_median']:.2f} / "
           f"{s['cold_100_ratio_median']:.2f}; Arnoldi " + ", ".join(
               f"{n} VJPs: median {s[f'arnoldi_{n}_ratio_median']:.2f} (min {s[f'arnoldi_{n}_ratio_min']:.2f})"
-              for n in ARNOLDI_STEPS) + f". Wrote {out}")
+              for n in ARNOLDI_STEPS) + "; the penalty with krylov=K, iters=1: " + ", ".join(
+              f"K={K} ({s[f'penalty_krylov_{K}_products']} products): median "
+              f"{s[f'penalty_krylov_{K}_ratio_median']:.2f} (min {s[f'penalty_krylov_{K}_ratio_min']:.2f})"
+              for K in KRYLOV) + f". Wrote {out}")
     return 0
 
 
