@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = dict(
     # the arms (issue #20, section 2): the slot attention gradient, its forward, the spectral penalty, instruments
     estimator="unrolled", tol=None, forward="iterate", penalty=0.0, penalty_target=0.9, instruments=False,
     backward_tol=None, backward_max_iter=None, penalty_iters=2, penalty_smooth=0.0, slot_embedding=False,
+    penalty_krylov=0,
 )
 
 # The arms: what differs from the discovery configuration (each run with `instruments`). The exact implicit and
@@ -94,13 +95,15 @@ QUICK: dict[str, Any] = dict(size=16, min_objects=1, max_objects=2, num_slots=3,
                              background=(0.0, 0.0, 0.0), test_scenes=8, eval_every=2)
 
 
-PENALTY_KEYS = ("penalty", "penalty_target", "penalty_iters", "penalty_smooth")
+PENALTY_KEYS = ("penalty", "penalty_target", "penalty_iters", "penalty_smooth", "penalty_krylov")
 
 
 def penalty_label(config: dict) -> str:
-    """'w0.05-t0.7-p4-h0.1': weight, target, power steps and Huber width (h0: the plain hinge)."""
+    """'w0.05-t0.7-p4-h0.1[-k16]': weight, target, power steps, Huber width (h0: the plain hinge) and, when
+    set, the Arnoldi steps of a Krylov start (spectral_penalty(..., krylov=K))."""
+    krylov = int(config.get("penalty_krylov") or 0)
     return (f"w{config['penalty']:g}-t{config['penalty_target']:g}-p{int(config['penalty_iters'])}"
-            f"-h{config['penalty_smooth']:g}")
+            f"-h{config['penalty_smooth']:g}" + (f"-k{krylov}" if krylov else ""))
 
 
 def config_of(name: str, quick: bool = False, seed: int | None = None, arm: str | None = None,
@@ -491,7 +494,8 @@ def train(config: dict, steps: int, out: Path, *, progress: bool = True,
             # on the slots the backward linearises at (z* for the implicit arms), through the tokens too
             penalty = spectral_penalty(penalty_step, sa.functional_params(), out_.slots, out_.tokens,
                                        target=config["penalty_target"], state=penalty_state,
-                                       iters=config["penalty_iters"], smooth=config["penalty_smooth"])
+                                       iters=config["penalty_iters"], smooth=config["penalty_smooth"],
+                                       krylov=int(config.get("penalty_krylov") or 0))
             penalty_sum += float(penalty.detach())
             total = loss + config["penalty"] * penalty
         optimiser.zero_grad(set_to_none=True)
@@ -961,6 +965,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--penalty-iters", type=int, default=None, metavar="P", help="its warm power steps (4)")
     parser.add_argument("--penalty-smooth", type=float, default=None, metavar="H",
                         help="its Huber width (0.1; 0: the plain hinge)")
+    parser.add_argument("--penalty-krylov", type=int, default=None, metavar="K",
+                        help="Arnoldi steps on J and J^T before its power steps (0: none; e.g. 16 with "
+                        "--penalty-iters 1: the run is named ...-kK)")
     parser.add_argument("--symmetry", type=Path, default=None, metavar="ROOT",
                         help="write ROOT/symmetry.md: the slots' mean pairwise cosine (trained forward and solved z*) "
                         "from the checkpoint of every arm run under ROOT")
@@ -993,7 +1000,7 @@ def main(argv: list[str] | None = None) -> None:
         print(text)
         return
     penalty = dict(penalty=args.penalty, penalty_target=args.penalty_target, penalty_iters=args.penalty_iters,
-                   penalty_smooth=args.penalty_smooth)
+                   penalty_smooth=args.penalty_smooth, penalty_krylov=args.penalty_krylov)
     config = config_of(args.config, args.quick, args.seed, args.arm, args.ablation, penalty)
     steps = args.steps if args.steps is not None else (4 if args.quick else 20_000)
     root = Path("reports/discovery") / ("arms" if args.arm else "")

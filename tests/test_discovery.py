@@ -168,13 +168,19 @@ def test_penalty_overrides_name_the_run_label_its_row_and_reach_the_penalty(tmp_
     real = fpgrad.contraction.spectral_penalty
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["target"], kwargs["iters"], kwargs["smooth"]))
+        seen.append((kwargs["target"], kwargs["iters"], kwargs["smooth"], kwargs["krylov"]))
         return real(*args, **kwargs)
     monkeypatch.setattr(fpgrad.contraction, "spectral_penalty", spy)
     config = discovery.config_of("", quick=True, arm="implicit-penalty",
                                  penalty=dict(penalty_target=0.3, penalty_iters=3, penalty_smooth=0.2))
     discovery.train(config, 1, tmp_path, progress=False)
-    assert seen == [(0.3, 3, 0.2)]
+    assert seen == [(0.3, 3, 0.2, 0)]
+    krylov = discovery.config_of("plain-fullres", arm="implicit-penalty", penalty=dict(penalty_krylov=16,
+                                                                                      penalty_iters=1))
+    assert krylov["name"] == "plain-fullres-implicit-penalty-w0.05-t0.7-p1-h0.1-k16"
+    quick = discovery.config_of("", quick=True, arm="implicit-penalty", penalty=dict(penalty_krylov=5))
+    discovery.train(quick, 1, tmp_path / "krylov", progress=False)
+    assert seen[-1][-1] == 5
 
 
 def test_gradient_spikes_are_counted_against_the_running_median():
