@@ -49,11 +49,13 @@ class Anderson(ForwardSolver):
         m = min(state["count"], self.memory)
         if m == 1:
             return fz
-        X, F = state["X"][:, :m], state["F"][:, :m]
+        X, F = (state["X"], state["F"]) if m == self.memory else (state["X"][:, :m], state["F"][:, :m])
         G = F - X                                                        # [B, m, n]
         # the small m x m system is solved in float64 whatever the state's dtype: in float32 the
         # regularised Gram matrix can be numerically singular
-        H = (G @ G.transpose(1, 2)).double()                             # [B, m, m]
+        H = torch.bmm(G, G.transpose(1, 2))                              # [B, m, m]
+        if H.dtype != torch.float64:
+            H = H.double()
         scale = H.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
         eye, ones = _constants(state, m, z.shape[0], z.device, self.regularization)
         H = H / scale[:, None, None] + eye
@@ -61,13 +63,16 @@ class Anderson(ForwardSolver):
         # loop then takes the plain step for that sample and restarts its history
         w = torch.linalg.solve_ex(H, ones, check_errors=False)[0]        # [B, m, 1]
         alpha = w / w.sum(dim=1, keepdim=True)
-        alpha = torch.nan_to_num(alpha, nan=0.0).to(z.dtype)
-        return (alpha.transpose(1, 2) @ F).squeeze(1)
+        alpha = torch.nan_to_num(alpha, nan=0.0)
+        if alpha.dtype != z.dtype:
+            alpha = alpha.to(z.dtype)
+        return torch.bmm(alpha.transpose(1, 2), F).squeeze(1)
 
     def _restart(self, state, z, fz, mask):
-        m = mask[:, None, None]
-        state["X"] = torch.where(m, z[:, None, :].expand_as(state["X"]), state["X"])
-        state["F"] = torch.where(m, fz[:, None, :].expand_as(state["F"]), state["F"])
+        # (where broadcasts z, fz [B, 1, n] over the history: no expand a step)
+        m = mask.view(-1, 1, 1)
+        state["X"] = torch.where(m, z.unsqueeze(1), state["X"])
+        state["F"] = torch.where(m, fz.unsqueeze(1), state["F"])
         return state
 
     def _update(self, state, z, fz, z_new, fz_new, active):

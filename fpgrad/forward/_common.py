@@ -216,7 +216,9 @@ class ForwardSolver:
             z = torch.where(a, proposal, z)
             fz = torch.where(a, fz_new, fz)
             res = torch.where(active, diff.norm(dim=1), res)
-            better = active & (res < best_res) if self.return_best else active
+            # (a sample out of `active` keeps res and best_res, and res >= best_res (or NaN) holds after every
+            # iteration, so `res < best_res` is already False for it)
+            better = res < best_res if self.return_best else active
             b = better.unsqueeze(1)
             best_z = torch.where(b, z, best_z)
             best_fz = torch.where(b, fz, best_fz)
@@ -225,7 +227,9 @@ class ForwardSolver:
             steps += active
             # the flag describes the returned (best) iterate, never a transient one (best_res < inf: finite,
             # as NaN < inf is False)
-            converged = converged | (active & (best_res <= self.atol + self.tol * best_ref) & (best_res < inf))
+            # (`converged | ...`: the samples out of `active` are the converged ones)
+            bound = self.tol * best_ref if not self.atol else self.atol + self.tol * best_ref
+            converged = converged | ((best_res <= bound) & (best_res < inf))
             if self.restarts:
                 # safeguard for quasi-Newton methods: a sample whose residual blew up, or that made no progress
                 # for `patience` steps, restarts from its best iterate with an empty history
@@ -234,8 +238,9 @@ class ForwardSolver:
                 # (between host checks the restart is applied by mask: a no-op for the samples not lost)
                 if period > 1 or bool(lost.any()):
                     since_best = torch.where(lost, zero, since_best)
-                    z = torch.where(lost.unsqueeze(1), best_z, z)
-                    fz = torch.where(lost.unsqueeze(1), best_fz, fz)
+                    lost1 = lost.unsqueeze(1)
+                    z = torch.where(lost1, best_z, z)
+                    fz = torch.where(lost1, best_fz, fz)
                     res = torch.where(lost, best_res, res)
                     state = self._restart(state, z, fz, lost)
             trace.append(best_res)

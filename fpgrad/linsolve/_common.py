@@ -183,6 +183,20 @@ class _Run:
         self.actives.append(active)
         return self._classify(rel, active, converge=False)
 
+    def record_step(self, rel: Tensor, active: Tensor) -> Tensor:
+        """record() for a loop that flags its diverged samples once, by settle(), after the loop: append the
+        iteration's relative residual (frozen outside `active`); return `active` without the samples that reached
+        the threshold, diverged (grew past the growth limit) or went NaN/Inf. Three operations a step, not ~15."""
+        self.rows.append(torch.where(active, rel, self.rows[-1]))
+        self.actives.append(active)
+        # (NaN compares False both ways: such a sample leaves `active` here and is flagged NONFINITE by settle)
+        return active & (rel > self.threshold) & (rel <= self.growth_limit)
+
+    def settle(self, members: Tensor) -> None:
+        """Flag the samples of `members` whose last recorded residual (frozen when they left the loop) diverged
+        or is NaN/Inf: what record() would have flagged step by step (after record_step)."""
+        self._classify(self.rows[-1], members, converge=False)
+
     def record_trace(self, rels: Tensor) -> None:
         """Append several iterations of the whole batch at once (rels: [k, B]) and flag the diverged by the last;
         the batch-of-one GMRES cycle, which keeps its residuals on the host, records its cycle this way."""
