@@ -78,8 +78,9 @@ class Anderson(ForwardSolver):
     def _update(self, state, z, fz, z_new, fz_new, active):
         slot = state["count"] % self.memory
         a = active[:, None]
-        state["X"][:, slot] = torch.where(a, z_new, state["X"][:, slot])
-        state["F"][:, slot] = torch.where(a, fz_new, state["F"][:, slot])
+        x, f = state["X"][:, slot], state["F"][:, slot]        # views: written in place
+        x.copy_(torch.where(a, z_new, x))
+        f.copy_(torch.where(a, fz_new, f))
         state["count"] += 1
         return state
 

@@ -58,7 +58,9 @@ class GMRES(LinearSolver):
         eps = torch.finfo(run.b.dtype).eps
         beta = run.r.norm(dim=1)
         V, Qt, R = _workspace(run.b, min(m, INITIAL_CAPACITY))
-        V[:, 0] = run.r / safe(beta).unsqueeze(1)
+        # V holds zero rows for the samples out of the loop's mask, so each product needs no mask of its own: the
+        # samples outside `members` start with a zero vector, and a sample leaving the mask gets a zero next vector
+        V[:, 0] = torch.where(members.unsqueeze(1), run.r / safe(beta).unsqueeze(1), 0)
         steps = torch.zeros_like(run.status)
         beta_rel = (beta / run.scale).to(Qt.dtype)        # the residual estimate is beta_rel |Q^T[j + 1, 0]|
         active = members
@@ -75,17 +77,19 @@ class GMRES(LinearSolver):
                 next_check = j + ahead
             if j == R.shape[-1]:
                 V, Qt, R = _workspace(run.b, min(2 * j, m), (V, Qt, R))
-            w = run.A(run.precondition(V[:, j]), active)
+            w = run.A(run.precondition(V[:, j]))            # (zero rows outside `active`: see V[:, 0])
             basis = V[:, : j + 1]
-            h, w, hn, lucky = orthogonalise(basis, w, eps)
+            h, w, hn, _ = orthogonalise(basis, w, eps)
             stepping = givens_column(Qt, R, h, hn, j, active)
-            extends = stepping & ~lucky          # (where not lucky hn > 0: dividing by it needs no guard)
-            V[:, j + 1] = torch.where(extends.unsqueeze(1), w / torch.where(extends, hn, 1).unsqueeze(1), 0)
             steps += stepping
             rel = beta_rel * Qt[:, j + 1, 0].abs()
             if rel.dtype != run.rel.dtype:
                 rel = rel.to(run.rel.dtype)
             active = run.record_step(rel, active) & stepping
+            # the next vector, zero for the samples that leave the mask. A sample that stays has hn > 0: at a lucky
+            # breakdown hn = 0 makes the new rotation's sine 0, so its residual estimate is exactly 0 and it leaves
+            # (the division by hn = 0 of the others is masked out)
+            V[:, j + 1] = torch.where(active.unsqueeze(1), w / hn.unsqueeze(1), 0)
             k = j + 1
         run.settle(members)
         if period > 1:
