@@ -837,14 +837,20 @@ def targets_table(root: Path, steps: int = 14_000) -> str:
         verdict = "met" if hit else ("missed" if done else "not yet")
         lines.append(f"| unrolled baseline FG-ARI >= 0.85 | seeds {sorted(best)} | best FG-ARI "
                      f"{', '.join(f'{v:.3f}' for v in best.values())} | {verdict} |")
-    for c, rows in runs:
-        if _arm_of(c) != "implicit-penalty":
-            continue
+    # every penalised z* run: the arm, then its ablations and the penalty settings tried beside it (root/variants),
+    # each labelled with what differs from the arm, so that a setting that missed is listed with the one that met
+    variants = root / "variants"
+    beside = [(c, rows) for c, rows in runs_under(variants) if c.get("instruments")] if variants.is_dir() else []
+    penalised = [(c, rows) for c, rows in runs + beside if c.get("arm") == "implicit-penalty"]
+    penalised.sort(key=lambda cr: _arm_of(cr[0]) != "implicit-penalty")        # the arm itself first
+    for c, rows in penalised:
         rho = _values(rows, "rho_star")
         above = sum(v >= 1.0 for v in rho)
         finished = rows[-1]["step"] >= steps
         verdict = "missed" if above else ("met" if finished else f"holds so far ({progress(rows)})")
-        lines.append(f"| implicit at z* with the penalty: rho(J) at z* < 1 at every logged step | seed {c['seed']}, "
+        extra = _arm_of(c)[len("implicit-penalty"):].strip()
+        label = "implicit at z* with the penalty" + (f" [{extra}]" if extra else "")
+        lines.append(f"| {label}: rho(J) at z* < 1 at every logged step | seed {c['seed']}, "
                      f"{progress(rows)} | max {max(rho, default=float('nan')):.3f}; >= 1 at {above} of {len(rho)} "
                      f"logged steps | {verdict} |")
     seeds: dict[str, set[int]] = {}

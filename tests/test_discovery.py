@@ -286,6 +286,19 @@ def test_the_targets_table_reads_each_penalised_seed_and_the_unrolled_baseline(t
     assert [line.rsplit(" | ", 1)[1] for line in penalised] == ["met |", "missed |", "holds so far (10 of 20 steps) |"]
     assert "max 1.020; >= 1 at 1 of 3 logged steps" in penalised[1]
     assert "finished seeds: unrolled 1, one-step 0, implicit 0, implicit-penalty 2, neumann-5 0 | not yet |" in text
+    # a penalty setting tried beside the arm (root/variants) is listed after it, labelled with what differs
+    (tmp_path / "variants").mkdir()
+    run = tmp_path / "variants" / "krylov"
+    run.mkdir()
+    config = discovery.config_of("plain-fullres", arm="implicit-penalty", ablation="slot-embedding",
+                                 penalty={"penalty_krylov": 16, "penalty_iters": 1})
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "rows.jsonl").write_text("".join(json.dumps(dict(step=s, fg_ari=0.5, rho_star=r, time=s)) + "\n"
+                                            for s, r in [(0, 0.9), (10, 0.8), (20, 0.85)]))
+    penalised = [line for line in discovery.targets_table(tmp_path, steps=20).splitlines() if "with the penalty" in line]
+    assert len(penalised) == 4 and penalised[:3] == [line for line in lines if "with the penalty" in line]
+    assert penalised[3].startswith("| implicit at z* with the penalty [(w0.05-t0.7-p1-h0.1-k16) + slot-embedding]: ")
+    assert penalised[3].endswith("| max 0.900; >= 1 at 0 of 3 logged steps | met |")
     # a baseline short of 0.85 is "not yet" while it runs, "missed" once it has reached its steps
     (tmp_path / "short").mkdir()
     _fake_run(tmp_path / "short", "unrolled", 0, [(0, 0.0, 0.9), (20, 0.80, 2.0)])
