@@ -295,7 +295,8 @@ def test_the_targets_table_reads_each_penalised_seed_and_the_unrolled_baseline(t
     (run / "config.json").write_text(json.dumps(config))
     (run / "rows.jsonl").write_text("".join(json.dumps(dict(step=s, fg_ari=0.5, rho_star=r, time=s)) + "\n"
                                             for s, r in [(0, 0.9), (10, 0.8), (20, 0.85)]))
-    penalised = [line for line in discovery.targets_table(tmp_path, steps=20).splitlines() if "with the penalty" in line]
+    text = discovery.targets_table(tmp_path, steps=20)
+    penalised = [line for line in text.splitlines() if "with the penalty" in line]
     assert len(penalised) == 4 and penalised[:3] == [line for line in lines if "with the penalty" in line]
     assert penalised[3].startswith("| implicit at z* with the penalty [(w0.05-t0.7-p1-h0.1-k16) + slot-embedding]: ")
     assert penalised[3].endswith("| max 0.900; >= 1 at 0 of 3 logged steps | met |")
