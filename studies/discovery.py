@@ -677,23 +677,40 @@ def arms_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def arms_figure(root: Path, path: Path) -> None:
+def penalised_runs(root: Path) -> list[tuple[dict, list[dict]]]:
+    """The runs that penalties.png compares: every penalised z* run under root and root/variants (the arm, its
+    ablations, the settings tried beside it), beside seed 0 of unrolled and one-step."""
+    variants = root / "variants"
+    runs = runs_under(root) + (runs_under(variants) if variants.is_dir() else [])
+    base = [(c, rows) for c, rows in runs if _arm_of(c) in ("unrolled", "one-step") and int(c["seed"]) == 0]
+    return base + [(c, rows) for c, rows in runs if c.get("instruments") and c.get("arm") == "implicit-penalty"]
+
+
+def arms_figure(root: Path, path: Path, runs: list[tuple[dict, list[dict]]] | None = None) -> None:
     """FG-ARI, MSE, rho(J) at z*, ||J||_2 at the training iterate and the cosine to the exact gradient against
-    steps (one line per run, one colour per arm), and FG-ARI against test-time iterations (the last rows)."""
+    steps (one line per run, one colour per arm), and FG-ARI against test-time iterations (the last rows).
+    `runs` (default: every arm run under root): with them, one colour per labelled run (e.g. penalised_runs)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = (("fg_ari", "FG-ARI (test scenes)"), ("mse", "MSE (test scenes)"), ("rho_star", "rho(J) at z*"),
               ("jacobian_norm", "||J||_2 at z_T"), ("cosine", "cosine to exact implicit gradient"))
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    colours = dict(zip(ARMS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = dict(zip(ARMS, cycle))
+    by_label = runs is not None
+    if runs is None:
+        runs = runs_under(root)
+    else:
+        labels = list(dict.fromkeys(_arm_of(c) for c, _ in runs))
+        colours = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
     seen = set()
-    for config, rows in runs_under(root):
+    for config, rows in runs:
         if not config.get("instruments"):
             continue
         arm = _arm_of(config)
-        colour = colours.get(arm.split(" + ")[0], "grey")
-        style = "-" if " + " not in arm else ":"
+        colour = colours.get(arm if by_label else arm.split(" + ")[0], "grey")
+        style = "-" if " + " not in arm or by_label else ":"
         label = arm if arm not in seen else None
         seen.add(arm)
         for ax, (key, title) in zip(axes.flat, panels):
@@ -709,8 +726,16 @@ def arms_figure(root: Path, path: Path) -> None:
     axes.flat[5].set(title="FG-ARI vs test-time iterations (last row)", xlabel="iterations")
     axes.flat[1].set_yscale("log")
     axes.flat[2].axhline(1.0, color="grey", ls=":", lw=1)
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    if by_label:
+        # the penalised runs live near rho = 1, the unpenalised ones reach 12: cut the axis to read the former
+        axes.flat[2].set_ylim(0.5, 1.5)
+        axes.flat[2].set_title("rho(J) at z* (axis cut at 1.5)")
+        handles, names = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=4, fontsize=8)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+    else:
+        axes.flat[0].legend(fontsize=8)
+        fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -991,6 +1016,7 @@ def main(argv: list[str] | None = None) -> None:
         if variants.is_dir() and runs_under(variants):      # settings tried beside the arms: their own table
             text = arms_table(variants)
             _atomic_write_bytes(variants / "table.md", lambda f: f.write(text.encode()))
+        arms_figure(args.arms_readme, args.arms_readme / "penalties.png", penalised_runs(args.arms_readme))
         claims = claims_table(args.arms_readme)
         _atomic_write_bytes(args.arms_readme / "claims.md", lambda f: f.write(claims.encode()))
         if args.arms_readme.resolve() == (Path(__file__).resolve().parents[1] / "reports" / "discovery" / "arms"):

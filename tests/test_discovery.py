@@ -205,6 +205,13 @@ def test_the_arms_table_and_figure_come_from_the_stored_rows(tmp_path):
     assert "| one-step | 0 | 2 |" in text and "| one-step + clip | 0 | 2 |" in text
     discovery.arms_figure(tmp_path, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+    # the penalised runs' figure: seed 0 of one-step beside every penalised z* run, the variants/ folder included
+    config = discovery.config_of("", quick=True, arm="implicit-penalty", penalty=dict(penalty_krylov=2))
+    discovery.train(config, 2, tmp_path / "variants" / config["name"], progress=False)
+    runs = discovery.penalised_runs(tmp_path)
+    assert [discovery._arm_of(c) for c, _ in runs] == ["one-step", "implicit-penalty (w0.05-t0.7-p4-h0.1-k2)"]
+    discovery.arms_figure(tmp_path, tmp_path / "penalties.png", runs)
+    assert (tmp_path / "penalties.png").stat().st_size > 10_000
 
 
 def test_the_implicit_arm_caps_its_adjoint_solve_and_counts_the_steps_it_capped(tmp_path):
