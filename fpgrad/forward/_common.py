@@ -162,7 +162,9 @@ class ForwardSolver:
         tiny = torch.finfo(z.dtype).tiny
         converged = (res <= self.atol + self.tol * ref) & torch.isfinite(res)   # inf <= tol * inf is no stop
         best_z, best_fz, best_res, best_ref = z.clone(), fz.clone(), res, ref
-        steps = torch.ones(B, dtype=torch.long, device=z.device)
+        # the samples still iterating; each iteration's mask is kept and summed once at the end into the steps
+        active = ~converged
+        actives: list[Tensor] = []
         # best residual and ||f|| of each iteration; the relative trace is divided once at the end (never
         # modified in place: every update rebinds)
         trace, ref_trace = [res], [ref]
@@ -171,15 +173,16 @@ class ForwardSolver:
         since_best = torch.zeros(B, dtype=torch.long, device=z.device)
         zero = torch.zeros((), dtype=torch.long, device=z.device)
         period = self.check_period(z.device)
-        # with period > 1: the iteration at which each sample first held a NaN/Inf (-1: never), read at a check
-        first_bad = torch.full((B,), -1, dtype=torch.long, device=z.device) if period > 1 else None
+        # with period > 1: max over iterations of bad * (last - it): the iteration at which each sample first held a
+        # NaN/Inf is last - score where score > 0 (two operations a step), read at a check
+        last = self.max_iter + 1
+        bad_score = torch.zeros(B, dtype=torch.long, device=z.device) if period > 1 else None
         idx = None
         next_check = 1
         for it in range(1, self.max_iter + 1):
-            active = ~converged
             if it == next_check:                            # the host check: the only syncs of the iteration
-                if first_bad is not None:
-                    self._raise_recorded_nonfinite(first_bad)
+                if bad_score is not None:
+                    self._raise_recorded_nonfinite(bad_score, last)
                 # with period > 1 the next check comes when the slowest sample is predicted to stop (<= period)
                 gap = min(period, len(trace) - 1) if period > 1 else 0
                 n_active, ahead = host_check(active, period, trace[-1], trace[-1 - gap] if gap else None, gap,
@@ -206,11 +209,11 @@ class ForwardSolver:
             diff = fz_new - proposal
             # a NaN/Inf in an active row of the proposal or of f(proposal) leaves one in its difference
             bad = active & ~torch.isfinite(diff).all(dim=1)
-            if first_bad is None:
+            if bad_score is None:
                 if bool(bad.any()):
                     self._check_finite(active, it, proposal, fz_new)      # names the samples (exact test)
             else:
-                first_bad = torch.where(bad & (first_bad < 0), it, first_bad)
+                bad_score = torch.maximum(bad_score, bad * (last - it))
             state = self._update(state, z, fz, proposal, fz_new, active)
             a = active.unsqueeze(1)
             z = torch.where(a, proposal, z)
@@ -224,17 +227,21 @@ class ForwardSolver:
             best_fz = torch.where(b, fz, best_fz)
             best_res = torch.where(better, res, best_res)
             best_ref = torch.where(better, fz_new.norm(dim=1), best_ref)
-            steps += active
-            # the flag describes the returned (best) iterate, never a transient one (best_res < inf: finite,
-            # as NaN < inf is False)
-            # (`converged | ...`: the samples out of `active` are the converged ones)
+            actives.append(active)
+            # the flag describes the returned (best) iterate, never a transient one: a sample stops when
+            # best_res <= bound and best_res < inf (inf <= tol * inf is no stop). best_res and bound are never NaN
+            # (a NaN residual is never `better`; a NaN at the start raised), so "not stopped" is written as
+            # best_res > bound or best_res == inf
             bound = self.tol * best_ref if not self.atol else self.atol + self.tol * best_ref
-            converged = converged | ((best_res <= bound) & (best_res < inf))
+            running = (best_res > bound) | (best_res == inf)
             if self.restarts:
                 # safeguard for quasi-Newton methods: a sample whose residual blew up, or that made no progress
                 # for `patience` steps, restarts from its best iterate with an empty history
                 since_best = torch.where(better, zero, since_best + active)
-                lost = active & ((res > self.restart_factor * best_res) | (since_best >= self.patience) | broke)
+                # (no `active &`: a sample out of `active` keeps res <= restart_factor * best_res and since_best <
+                # patience from when it was last active; if its discarded proposal broke, restarting it changes
+                # nothing that is read: its result is best_z)
+                lost = (res > self.restart_factor * best_res) | (since_best >= self.patience) | broke
                 # (between host checks the restart is applied by mask: a no-op for the samples not lost)
                 if period > 1 or bool(lost.any()):
                     since_best = torch.where(lost, zero, since_best)
@@ -245,8 +252,11 @@ class ForwardSolver:
                     state = self._restart(state, z, fz, lost)
             trace.append(best_res)
             ref_trace.append(best_ref)
-        if first_bad is not None:
-            self._raise_recorded_nonfinite(first_bad)
+            active = active & running
+        converged = ~active
+        steps = 1 + (torch.stack(actives).sum(0) if actives else torch.zeros(B, dtype=torch.long, device=z.device))
+        if bad_score is not None:
+            self._raise_recorded_nonfinite(bad_score, last)
             # the iterations run after the last sample converged add rows that check_every=1 does not
             used = int(steps.max()) if B else 1
             trace, ref_trace = trace[:used], ref_trace[:used]
@@ -279,12 +289,13 @@ class ForwardSolver:
         err.samples, err.iteration = samples, it       # (read by the vmap rule, which unfolds the indices)
         return err
 
-    def _raise_recorded_nonfinite(self, first_bad: Tensor) -> None:
-        """Raise for the samples whose recorded first NaN/Inf iteration is set (check_every > 1)."""
-        seen = first_bad >= 0
+    def _raise_recorded_nonfinite(self, bad_score: Tensor, last: int) -> None:
+        """Raise for the samples with a recorded NaN/Inf (check_every > 1): bad_score = max over iterations of
+        bad * (last - it), so the first such iteration is last - max(bad_score)."""
+        seen = bad_score > 0
         if bool(seen.any()):
             samples = seen.nonzero().squeeze(1).tolist()
-            it = int(first_bad[seen].min())
+            it = last - int(bad_score.max())
             raise self._nonfinite(it, samples)
 
     def _other_methods(self) -> str:

@@ -183,14 +183,15 @@ class _Run:
         self.actives.append(active)
         return self._classify(rel, active, converge=False)
 
-    def record_step(self, rel: Tensor, active: Tensor) -> Tensor:
+    def record_step(self, rel: Tensor, active: Tensor, going: Tensor | None = None) -> Tensor:
         """record() for a loop that flags its diverged samples once, by settle(), after the loop: append the
-        iteration's relative residual (frozen outside `active`); return `active` without the samples that reached
-        the threshold, diverged (grew past the growth limit) or went NaN/Inf. Three operations a step, not ~15."""
+        iteration's relative residual (frozen outside `active`); return `going` (default `active`: the samples
+        that may go on, a subset of `active`) without the samples that reached the threshold, diverged (grew past
+        the growth limit) or went NaN/Inf. Three operations a step, not ~15."""
         self.rows.append(torch.where(active, rel, self.rows[-1]))
         self.actives.append(active)
-        # (NaN compares False both ways: such a sample leaves `active` here and is flagged NONFINITE by settle)
-        return active & (rel > self.threshold) & (rel <= self.growth_limit)
+        # (NaN compares False both ways: such a sample leaves the mask here and is flagged NONFINITE by settle)
+        return (active if going is None else going) & (rel > self.threshold) & (rel <= self.growth_limit)
 
     def settle(self, members: Tensor) -> None:
         """Flag the samples of `members` whose last recorded residual (frozen when they left the loop) diverged

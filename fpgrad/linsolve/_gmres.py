@@ -63,6 +63,7 @@ class GMRES(LinearSolver):
         V[:, 0] = torch.where(members.unsqueeze(1), run.r / safe(beta).unsqueeze(1), 0)
         steps = torch.zeros_like(run.status)
         beta_rel = (beta / run.scale).to(Qt.dtype)        # the residual estimate is beta_rel |Q^T[j + 1, 0]|
+        q0 = Qt[:, :, 0]                                    # (a view: one select a step, not two)
         active = members
         k = 0
         period = check_period(self.check_every, run.b.device, self.name)
@@ -77,15 +78,16 @@ class GMRES(LinearSolver):
                 next_check = j + ahead
             if j == R.shape[-1]:
                 V, Qt, R = _workspace(run.b, min(2 * j, m), (V, Qt, R))
+                q0 = Qt[:, :, 0]
             w = run.A(run.precondition(V[:, j]))            # (zero rows outside `active`: see V[:, 0])
             basis = V[:, : j + 1]
             h, w, hn, _ = orthogonalise(basis, w, eps)
             stepping = givens_column(Qt, R, h, hn, j, active)
             steps += stepping
-            rel = beta_rel * Qt[:, j + 1, 0].abs()
+            rel = beta_rel * q0[:, j + 1].abs()
             if rel.dtype != run.rel.dtype:
                 rel = rel.to(run.rel.dtype)
-            active = run.record_step(rel, active) & stepping
+            active = run.record_step(rel, active, stepping)
             # the next vector, zero for the samples that leave the mask. A sample that stays has hn > 0: at a lucky
             # breakdown hn = 0 makes the new rotation's sine 0, so its residual estimate is exactly 0 and it leaves
             # (the division by hn = 0 of the others is masked out)
