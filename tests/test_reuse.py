@@ -320,3 +320,29 @@ def test_a_truncated_broyden_estimate_is_noted_in_the_record():
           record)
     assert record.forward[-1].info["dropped_updates"] > 0
     assert any("dropped" in msg for msg in record.messages)
+
+
+def test_anderson_builds_its_inverse_estimate_only_when_read_and_once():
+    """The multisecant estimate costs ~30 operations and a batched pseudo-inverse: a solve whose estimate nobody
+    reads (every backward but precondition / initial_guess="forward") must not pay for it."""
+    import copy
+    import pickle
+    m, x = tanh_case(n=20, lipschitz=0.9, batch=3)
+    fw = fpgrad.forward.Anderson(tol=1e-12, max_iter=50, memory=5)
+    calls = []
+    original = fw._multisecant
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    object.__setattr__(fw, "_multisecant", spy)
+    fp = fw.solve(m.step, m.params, x, m.init_state(x, None))
+    assert calls == []
+    U, V = fp.inverse.U, fp.inverse.V
+    assert calls == [1] and fp.inverse.U is U and calls == [1]
+    assert U.shape == V.shape == (3, 20, 4)
+    for clone in (pickle.loads(pickle.dumps(fp.inverse)), copy.deepcopy(fp).inverse):
+        assert type(clone) is fpgrad.forward.LowRankInverse
+        torch.testing.assert_close(clone.U, U)
+        torch.testing.assert_close(clone.V, V)

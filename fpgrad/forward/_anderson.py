@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._broyden import LowRankInverse
+from ._broyden import DeferredLowRankInverse
 from ._common import ForwardSolver
 
 
@@ -58,7 +58,7 @@ class Anderson(ForwardSolver):
             H = H.double()
         scale = H.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
         eye, ones = _constants(state, m, z.shape[0], z.device, self.regularization)
-        H = H / scale[:, None, None] + eye
+        H = H / scale.view(-1, 1, 1) + eye
         # solve_ex without its error check: no host sync; a singular system gives non-finite weights, and the
         # loop then takes the plain step for that sample and restarts its history
         w = torch.linalg.solve_ex(H, ones, check_errors=False)[0]        # [B, m, 1]
@@ -66,13 +66,13 @@ class Anderson(ForwardSolver):
         alpha = torch.nan_to_num(alpha, nan=0.0)
         if alpha.dtype != z.dtype:
             alpha = alpha.to(z.dtype)
-        return torch.bmm(alpha.transpose(1, 2), F).squeeze(1)
+        return (alpha * F).sum(dim=1)                                    # sum_i alpha_i f(z_i)
 
-    def _restart(self, state, z, fz, mask):
+    def _restart(self, state, z, fz, keep):
         # (where broadcasts z, fz [B, 1, n] over the history: no expand a step)
-        m = mask.view(-1, 1, 1)
-        state["X"] = torch.where(m, z.unsqueeze(1), state["X"])
-        state["F"] = torch.where(m, fz.unsqueeze(1), state["F"])
+        k = keep.view(-1, 1, 1)
+        state["X"] = torch.where(k, state["X"], z.unsqueeze(1))
+        state["F"] = torch.where(k, state["F"], fz.unsqueeze(1))
         return state
 
     def _update(self, state, z, fz, z_new, fz_new, active):
@@ -85,13 +85,18 @@ class Anderson(ForwardSolver):
         return state
 
     def _info(self, state) -> dict:
-        m = min(state["count"], self.memory)
+        # built on first use (only Implicit(precondition="forward") / initial_guess="forward" read it): its ~30
+        # operations and batched pseudo-inverse would otherwise run after every solve
+        m, count = min(state["count"], self.memory), state["count"]
         X, F = state["X"][:, :m], state["F"][:, :m]
+        return {"inverse": DeferredLowRankInverse(lambda: self._multisecant(X, F, m, count))}
+
+    def _multisecant(self, X: Tensor, F: Tensor, m: int, count: int) -> tuple[Tensor, Tensor]:
         B, _, n = X.shape
         if m < 2:
             empty = X.new_zeros(B, n, 0)
-            return {"inverse": LowRankInverse(empty, empty.clone())}
-        last = (state["count"] - 1) % self.memory
+            return empty, empty.clone()
+        last = (count - 1) % self.memory
         others = [i for i in range(m) if i != last]
         G = F - X
         S = (X[:, others] - X[:, last : last + 1]).double()              # [B, m-1, n]
@@ -99,4 +104,4 @@ class Anderson(ForwardSolver):
         gram_inv = torch.linalg.pinv(Y @ Y.transpose(1, 2), hermitian=True, rtol=1e-10)
         U = (S + Y).transpose(1, 2)                                      # [B, n, m-1]
         V = (gram_inv @ Y).transpose(1, 2)                               # Y (Y^T Y)^+
-        return {"inverse": LowRankInverse(U.to(X.dtype), V.to(X.dtype))}
+        return U.to(X.dtype), V.to(X.dtype)

@@ -39,6 +39,36 @@ class LowRankInverse:
         return -_low_rank(self.V.mT, self.U.mT, v)
 
 
+class DeferredLowRankInverse(LowRankInverse):
+    """A LowRankInverse whose U, V are built by `build()` on first access (then kept): a solver can offer its
+    estimate without paying for it when nobody reads it."""
+
+    def __init__(self, build):
+        object.__setattr__(self, "_build", build)
+        object.__setattr__(self, "_factors", None)
+
+    def _get(self) -> tuple[Tensor, Tensor]:
+        if self._factors is None:
+            object.__setattr__(self, "_factors", tuple(self._build()))
+            object.__setattr__(self, "_build", None)          # (drops the solver state it closed over)
+        return self._factors
+
+    @property
+    def U(self) -> Tensor:  # noqa: D102
+        return self._get()[0]
+
+    @property
+    def V(self) -> Tensor:  # noqa: D102
+        return self._get()[1]
+
+    def __reduce__(self):
+        # pickle / deepcopy as the plain estimate (the builder is a closure)
+        return LowRankInverse, self._get()
+
+    def __repr__(self) -> str:
+        return "DeferredLowRankInverse(built)" if self._factors is not None else "DeferredLowRankInverse(unbuilt)"
+
+
 @dataclass(frozen=True)
 class Broyden(ForwardSolver):
     """Broyden's good method for g(z) = f(z) - z = 0 with inverse estimate H = -I + U V^T.
@@ -101,8 +131,8 @@ class Broyden(ForwardSolver):
         state["count"] = min(state["count"] + 1, self.memory)
         return state
 
-    def _restart(self, state, z, fz, mask):
-        keep = (~mask)[:, None, None].to(z.dtype)
+    def _restart(self, state, z, fz, keep):
+        keep = keep.view(-1, 1, 1).to(z.dtype)
         state["U"] = state["U"] * keep
         state["V"] = state["V"] * keep
         return state

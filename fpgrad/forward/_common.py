@@ -111,7 +111,8 @@ class ForwardSolver:
                 active: Tensor) -> Any:
         return state
 
-    def _restart(self, state: Any, z: Tensor, fz: Tensor, mask: Tensor) -> Any:
+    def _restart(self, state: Any, z: Tensor, fz: Tensor, keep: Tensor) -> Any:
+        """Empty the history of the samples not in `keep` (they restart from z, fz)."""
         return state
 
     def _info(self, state: Any) -> dict:
@@ -194,13 +195,13 @@ class ForwardSolver:
             proposal = self._propose(state, z, fz)
             if self.damping:
                 proposal = z + (1.0 - self.damping) * (proposal - z)
-            broke = None
+            sound = None
             if self.restarts:
                 # quasi-Newton mixing can overflow on its own (half precision at the round-off floor, where the
                 # history is degenerate): such a sample takes the plain step f(z) instead and restarts its
                 # history, rather than a NaN blamed on the map (sums in float32: fp16 rows can sum past 65504)
-                broke = ~torch.isfinite(proposal.sum(dim=1, dtype=torch.float32))
-                proposal = torch.where(broke.unsqueeze(1), fz, proposal)
+                sound = torch.isfinite(proposal.sum(dim=1, dtype=torch.float32))
+                proposal = torch.where(sound.unsqueeze(1), proposal, fz)
             if idx is None:
                 fz_new = f(proposal, None)
             else:
@@ -208,12 +209,12 @@ class ForwardSolver:
                 fz_new[idx] = f(proposal[idx], idx)
             diff = fz_new - proposal
             # a NaN/Inf in an active row of the proposal or of f(proposal) leaves one in its difference
-            bad = active & ~torch.isfinite(diff).all(dim=1)
+            finite = torch.isfinite(diff).all(dim=1)
             if bad_score is None:
-                if bool(bad.any()):
+                if bool((active & ~finite).any()):
                     self._check_finite(active, it, proposal, fz_new)      # names the samples (exact test)
             else:
-                bad_score = torch.maximum(bad_score, bad * (last - it))
+                bad_score = torch.maximum(bad_score, torch.where(finite, 0, active * (last - it)))
             state = self._update(state, z, fz, proposal, fz_new, active)
             a = active.unsqueeze(1)
             z = torch.where(a, proposal, z)
@@ -238,18 +239,19 @@ class ForwardSolver:
                 # safeguard for quasi-Newton methods: a sample whose residual blew up, or that made no progress
                 # for `patience` steps, restarts from its best iterate with an empty history
                 since_best = torch.where(better, zero, since_best + active)
-                # (no `active &`: a sample out of `active` keeps res <= restart_factor * best_res and since_best <
-                # patience from when it was last active; if its discarded proposal broke, restarting it changes
-                # nothing that is read: its result is best_z)
-                lost = (res > self.restart_factor * best_res) | (since_best >= self.patience) | broke
-                # (between host checks the restart is applied by mask: a no-op for the samples not lost)
-                if period > 1 or bool(lost.any()):
-                    since_best = torch.where(lost, zero, since_best)
-                    lost1 = lost.unsqueeze(1)
-                    z = torch.where(lost1, best_z, z)
-                    fz = torch.where(lost1, best_fz, fz)
-                    res = torch.where(lost, best_res, res)
-                    state = self._restart(state, z, fz, lost)
+                # `keep`: the samples not restarted (the complement of "lost", without its negation). No `active &`:
+                # a sample out of `active` keeps res <= restart_factor * best_res and since_best < patience from
+                # when it was last active; if its discarded proposal broke, restarting it changes nothing that is
+                # read: its result is best_z
+                keep = sound & (res <= self.restart_factor * best_res) & (since_best < self.patience)
+                # (between host checks the restart is applied by mask: a no-op for the samples kept)
+                if period > 1 or not bool(keep.all()):
+                    since_best = torch.where(keep, since_best, zero)
+                    keep1 = keep.unsqueeze(1)
+                    z = torch.where(keep1, z, best_z)
+                    fz = torch.where(keep1, fz, best_fz)
+                    res = torch.where(keep, res, best_res)
+                    state = self._restart(state, z, fz, keep)
             trace.append(best_res)
             ref_trace.append(best_ref)
             active = active & running

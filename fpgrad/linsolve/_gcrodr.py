@@ -110,14 +110,14 @@ class GCRODR(LinearSolver):
             W, Qt, R = ws.W, ws.Qt, ws.R
             w = run.A(run.precondition(W[:, k + j]), active)
             basis = W[:, : k + j + 1]                                # C, then the Arnoldi vectors
-            coef, w, hn, lucky = orthogonalise(basis, w, eps)      # CGS2 against C and V
+            coef, w, hn, not_lucky = orthogonalise(basis, w, eps)  # CGS2 against C and V
             h = coef[:, k:]
             stepping = givens_column(Qt, R, h, hn, j, active)
             keep = stepping.unsqueeze(1)
             ws.H[:, : j + 1, j] = torch.where(keep, h, 0)
             ws.H[:, j + 1, j] = torch.where(stepping, hn, 0)
             ws.Bk[:, :, j] = torch.where(keep, coef[:, :k], 0)       # C^T A v_j
-            extends = stepping & ~lucky          # (where not lucky hn > 0: dividing by it needs no guard)
+            extends = stepping & not_lucky       # (where not lucky hn > 0: dividing by it needs no guard)
             W[:, k + j + 1] = torch.where(extends.unsqueeze(1), w / torch.where(extends, hn, 1).unsqueeze(1), 0)
             steps += stepping
             rel = (beta * Qt[:, j + 1, 0].abs() / run.scale).to(run.rel.dtype)

@@ -61,7 +61,8 @@ class GMRES(LinearSolver):
         # V holds zero rows for the samples out of the loop's mask, so each product needs no mask of its own: the
         # samples outside `members` start with a zero vector, and a sample leaving the mask gets a zero next vector
         V[:, 0] = torch.where(members.unsqueeze(1), run.r / safe(beta).unsqueeze(1), 0)
-        steps = torch.zeros_like(run.status)
+        stepped: list[Tensor] = []                          # each step's `stepping` mask, summed after the loop
+        zero = V.new_zeros(())
         beta_rel = (beta / run.scale).to(Qt.dtype)        # the residual estimate is beta_rel |Q^T[j + 1, 0]|
         q0 = Qt[:, :, 0]                                    # (a view: one select a step, not two)
         active = members
@@ -83,7 +84,7 @@ class GMRES(LinearSolver):
             basis = V[:, : j + 1]
             h, w, hn, _ = orthogonalise(basis, w, eps)
             stepping = givens_column(Qt, R, h, hn, j, active)
-            steps += stepping
+            stepped.append(stepping)
             rel = beta_rel * q0[:, j + 1].abs()
             if rel.dtype != run.rel.dtype:
                 rel = rel.to(run.rel.dtype)
@@ -91,9 +92,11 @@ class GMRES(LinearSolver):
             # the next vector, zero for the samples that leave the mask. A sample that stays has hn > 0: at a lucky
             # breakdown hn = 0 makes the new rotation's sine 0, so its residual estimate is exactly 0 and it leaves
             # (the division by hn = 0 of the others is masked out)
-            V[:, j + 1] = torch.where(active.unsqueeze(1), w / hn.unsqueeze(1), 0)
+            nxt = V[:, j + 1]
+            torch.where(active.unsqueeze(1), w / hn.unsqueeze(1), zero, out=nxt)     # (written in place)
             k = j + 1
         run.settle(members)
+        steps = torch.stack(stepped).sum(0) if stepped else torch.zeros_like(run.status)
         if period > 1:
             run.drop_idle_tail(period - 1)
         if k > 0:
@@ -177,8 +180,9 @@ def orthogonalise(basis: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor,
     """Classical Gram-Schmidt applied twice (CGS2) of w: [B, n] against the rows of basis: [B, j, n].
 
     Returns (coefficients [B, j], the orthogonal remainder, its norm with 0 where the remainder vanished
-    relative to w, and that "lucky" mask: the space is invariant, the solution exact). Each pass is two batched
-    products, the second fused with the subtraction (baddbmm): ~14 dispatched operations a step, not ~21."""
+    relative to w, and the mask of the others: where it is False the space is invariant, the solution exact, a
+    "lucky" breakdown). Each pass is two batched products, the second fused with the subtraction (baddbmm):
+    ~13 dispatched operations a step, not ~21."""
     norm0 = w.norm(dim=1)
     w3 = w.unsqueeze(1)                                  # [B, 1, n]
     basis_t = basis.transpose(1, 2)                      # [B, n, j]
@@ -188,8 +192,8 @@ def orthogonalise(basis: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor,
     w3 = torch.baddbmm(w3, c2, basis, alpha=-1)
     w = w3.squeeze(1)
     hn = w.norm(dim=1)
-    lucky = ~(hn > eps * norm0)
-    return (c1 + c2).squeeze(1), w, torch.where(lucky, 0, hn), lucky
+    extends = hn > eps * norm0                           # (False for a NaN remainder too)
+    return (c1 + c2).squeeze(1), w, torch.where(extends, hn, 0), extends
 
 
 def givens_column(Qt: Tensor, R: Tensor, h: Tensor, hn: Tensor, j: int, active: Tensor) -> Tensor:
@@ -212,7 +216,8 @@ def givens_column(Qt: Tensor, R: Tensor, h: Tensor, hn: Tensor, j: int, active: 
     cs = torch.where(st, pair / safe_diag.unsqueeze(1), consts["e0"])
     # R's column j: the rotated column with diag in row j; the identity column e_j for the samples that do not
     # step (a cached row of I: no kernel a step)
-    R[:, : j + 1, j] = torch.where(st, torch.cat([col[:, :j], diag.unsqueeze(1)], 1), _unit(j, R.dtype, R.device))
+    r_col = R[:, : j + 1, j]
+    torch.where(st, torch.cat([col[:, :j], diag.unsqueeze(1)], 1), _unit(j, R.dtype, R.device), out=r_col)
     # rows j, j + 1 of Q^T <- [[cos, sin], [-sin, cos]] @ those rows
     G = cs[:, consts["index"]] * consts["sign"]                    # [B, 2, 2]
     rows = Qt[:, j : j + 2, : j + 2]
