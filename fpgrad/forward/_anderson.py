@@ -66,7 +66,7 @@ class Anderson(ForwardSolver):
         alpha = torch.nan_to_num(alpha, nan=0.0)
         if alpha.dtype != z.dtype:
             alpha = alpha.to(z.dtype)
-        return (alpha * F).sum(dim=1)                                    # sum_i alpha_i f(z_i)
+        return torch.bmm(alpha.transpose(1, 2), F).squeeze(1)             # sum_i alpha_i f(z_i)
 
     def _restart(self, state, z, fz, keep):
         # (where broadcasts z, fz [B, 1, n] over the history: no expand a step)
