@@ -77,10 +77,9 @@ class Anderson(ForwardSolver):
 
     def _update(self, state, z, fz, z_new, fz_new, active):
         slot = state["count"] % self.memory
-        a = active[:, None]
-        x, f = state["X"][:, slot], state["F"][:, slot]        # views: written in place
-        x.copy_(torch.where(a, z_new, x))
-        f.copy_(torch.where(a, fz_new, f))
+        x, f = state["X"][:, slot], state["F"][:, slot]        # views: written in place (active: [B, 1])
+        torch.where(active, z_new, x, out=x)
+        torch.where(active, fz_new, f, out=f)
         state["count"] += 1
         return state
 

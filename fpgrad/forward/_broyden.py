@@ -109,7 +109,7 @@ class Broyden(ForwardSolver):
         vT = self._HT(state, s)                                   # (s^T H)^T
         denom = (s * Hy).sum(dim=1, keepdim=True)
         scale = s.norm(dim=1, keepdim=True) * Hy.norm(dim=1, keepdim=True)
-        ok = active[:, None] & (denom.abs() > torch.finfo(z.dtype).eps * scale)
+        ok = active & (denom.abs() > torch.finfo(z.dtype).eps * scale)
         safe = torch.where(ok, denom, torch.ones_like(denom))
         u = torch.where(ok, (s - Hy) / safe, torch.zeros_like(s))
         v = torch.where(ok, vT, torch.zeros_like(s))

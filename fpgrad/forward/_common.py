@@ -109,10 +109,11 @@ class ForwardSolver:
 
     def _update(self, state: Any, z: Tensor, fz: Tensor, z_new: Tensor, fz_new: Tensor,
                 active: Tensor) -> Any:
+        """Take the step z, fz -> z_new, fz_new into the history of the samples in `active` (a column [B, 1])."""
         return state
 
     def _restart(self, state: Any, z: Tensor, fz: Tensor, keep: Tensor) -> Any:
-        """Empty the history of the samples not in `keep` (they restart from z, fz)."""
+        """Empty the history of the samples not in `keep` (a column [B, 1]; they restart from z, fz)."""
         return state
 
     def _info(self, state: Any) -> dict:
@@ -158,9 +159,13 @@ class ForwardSolver:
         z = z0.reshape(B, math.prod(z0.shape[1:]))         # (not -1: B may be 0)
         fz = f(z, None)
         self._check_finite(torch.ones(B, dtype=torch.bool, device=z.device), 0, fz)
-        res = (fz - z).norm(dim=1)
-        ref = fz.norm(dim=1)
+        # every per-sample quantity of the loop is a column [B, 1]: it broadcasts against the rows [B, n] without
+        # an unsqueeze a step (each one a dispatch on a GPU); flattened to [B] once, after the loop
+        res = (fz - z).norm(dim=1, keepdim=True)
+        ref = fz.norm(dim=1, keepdim=True)
         tiny = torch.finfo(z.dtype).tiny
+        # (the largest finite value: best_res > min(bound, big) is "not stopped" for an infinite best_res too)
+        big = torch.finfo(z.dtype).max
         converged = (res <= self.atol + self.tol * ref) & torch.isfinite(res)   # inf <= tol * inf is no stop
         best_z, best_fz, best_res, best_ref = z.clone(), fz.clone(), res, ref
         # the samples still iterating; each iteration's mask is kept and summed once at the end into the steps
@@ -169,15 +174,14 @@ class ForwardSolver:
         # best residual and ||f|| of each iteration; the relative trace is divided once at the end (never
         # modified in place: every update rebinds)
         trace, ref_trace = [res], [ref]
-        inf = torch.tensor(float("inf"), dtype=z.dtype, device=z.device)
         state = self._init(z, fz)
-        since_best = torch.zeros(B, dtype=torch.long, device=z.device)
+        since_best = torch.zeros(B, 1, dtype=torch.long, device=z.device)
         zero = torch.zeros((), dtype=torch.long, device=z.device)
         period = self.check_period(z.device)
         # with period > 1: max over iterations of bad * (last - it): the iteration at which each sample first held a
         # NaN/Inf is last - score where score > 0 (two operations a step), read at a check
         last = self.max_iter + 1
-        bad_score = torch.zeros(B, dtype=torch.long, device=z.device) if period > 1 else None
+        bad_score = torch.zeros(B, 1, dtype=torch.long, device=z.device) if period > 1 else None
         idx = None
         next_check = 1
         for it in range(1, self.max_iter + 1):
@@ -191,7 +195,7 @@ class ForwardSolver:
                 if n_active == 0:
                     break
                 next_check = it + ahead
-                idx = None if n_active == B else active.nonzero().squeeze(1)
+                idx = None if n_active == B else active.view(-1).nonzero().squeeze(1)
             proposal = self._propose(state, z, fz)
             if self.damping:
                 proposal = z + (1.0 - self.damping) * (proposal - z)
@@ -200,8 +204,8 @@ class ForwardSolver:
                 # quasi-Newton mixing can overflow on its own (half precision at the round-off floor, where the
                 # history is degenerate): such a sample takes the plain step f(z) instead and restarts its
                 # history, rather than a NaN blamed on the map (sums in float32: fp16 rows can sum past 65504)
-                sound = torch.isfinite(proposal.sum(dim=1, dtype=torch.float32))
-                proposal = torch.where(sound.unsqueeze(1), proposal, fz)
+                sound = torch.isfinite(proposal.sum(dim=1, keepdim=True, dtype=torch.float32))
+                proposal = torch.where(sound, proposal, fz)
             if idx is None:
                 fz_new = f(proposal, None)
             else:
@@ -209,32 +213,30 @@ class ForwardSolver:
                 fz_new[idx] = f(proposal[idx], idx)
             diff = fz_new - proposal
             # a NaN/Inf in an active row of the proposal or of f(proposal) leaves one in its difference
-            finite = torch.isfinite(diff).all(dim=1)
+            finite = torch.isfinite(diff).all(dim=1, keepdim=True)
             if bad_score is None:
                 if bool((active & ~finite).any()):
-                    self._check_finite(active, it, proposal, fz_new)      # names the samples (exact test)
+                    self._check_finite(active.view(-1), it, proposal, fz_new)   # names the samples (exact test)
             else:
                 bad_score = torch.maximum(bad_score, torch.where(finite, 0, active * (last - it)))
             state = self._update(state, z, fz, proposal, fz_new, active)
-            a = active.unsqueeze(1)
-            z = torch.where(a, proposal, z)
-            fz = torch.where(a, fz_new, fz)
-            res = torch.where(active, diff.norm(dim=1), res)
+            z = torch.where(active, proposal, z)
+            fz = torch.where(active, fz_new, fz)
+            res = torch.where(active, diff.norm(dim=1, keepdim=True), res)
             # (a sample out of `active` keeps res and best_res, and res >= best_res (or NaN) holds after every
             # iteration, so `res < best_res` is already False for it)
             better = res < best_res if self.return_best else active
-            b = better.unsqueeze(1)
-            best_z = torch.where(b, z, best_z)
-            best_fz = torch.where(b, fz, best_fz)
+            best_z = torch.where(better, z, best_z)
+            best_fz = torch.where(better, fz, best_fz)
             best_res = torch.where(better, res, best_res)
-            best_ref = torch.where(better, fz_new.norm(dim=1), best_ref)
+            best_ref = torch.where(better, fz_new.norm(dim=1, keepdim=True), best_ref)
             actives.append(active)
             # the flag describes the returned (best) iterate, never a transient one: a sample stops when
             # best_res <= bound and best_res < inf (inf <= tol * inf is no stop). best_res and bound are never NaN
-            # (a NaN residual is never `better`; a NaN at the start raised), so "not stopped" is written as
-            # best_res > bound or best_res == inf
+            # (a NaN residual is never `better`; a NaN at the start raised), so "not stopped" is
+            # best_res > min(bound, largest finite value)
             bound = self.tol * best_ref if not self.atol else self.atol + self.tol * best_ref
-            running = (best_res > bound) | (best_res == inf)
+            running = best_res > bound.clamp_(max=big)
             if self.restarts:
                 # safeguard for quasi-Newton methods: a sample whose residual blew up, or that made no progress
                 # for `patience` steps, restarts from its best iterate with an empty history
@@ -244,26 +246,26 @@ class ForwardSolver:
                 # when it was last active; if its discarded proposal broke, restarting it changes nothing that is
                 # read: its result is best_z
                 keep = sound & (res <= self.restart_factor * best_res) & (since_best < self.patience)
-                # (between host checks the restart is applied by mask: a no-op for the samples kept)
+                # (between host checks the restart is applied by mask: a no-op for the samples kept). res is not
+                # reset: an active sample's is measured afresh next iteration, and an idle one's is never read
                 if period > 1 or not bool(keep.all()):
                     since_best = torch.where(keep, since_best, zero)
-                    keep1 = keep.unsqueeze(1)
-                    z = torch.where(keep1, z, best_z)
-                    fz = torch.where(keep1, fz, best_fz)
-                    res = torch.where(keep, res, best_res)
+                    z = torch.where(keep, z, best_z)
+                    fz = torch.where(keep, fz, best_fz)
                     state = self._restart(state, z, fz, keep)
             trace.append(best_res)
             ref_trace.append(best_ref)
             active = active & running
-        converged = ~active
-        steps = 1 + (torch.stack(actives).sum(0) if actives else torch.zeros(B, dtype=torch.long, device=z.device))
+        converged = ~active.view(-1)
+        steps = 1 + (torch.stack(actives).sum(0).view(-1) if actives
+                     else torch.zeros(B, dtype=torch.long, device=z.device))
         if bad_score is not None:
             self._raise_recorded_nonfinite(bad_score, last)
             # the iterations run after the last sample converged add rows that check_every=1 does not
             used = int(steps.max()) if B else 1
             trace, ref_trace = trace[:used], ref_trace[:used]
-        residuals = torch.stack(trace)
-        relative = residuals / (torch.stack(ref_trace) + tiny)
+        residuals = torch.stack(trace).view(len(trace), B)
+        relative = residuals / (torch.stack(ref_trace).view(len(trace), B) + tiny)
         best_rel = relative[-1]
         message = self._message(residuals, converged, steps, best_rel)
         info = self._info(state)
@@ -294,7 +296,7 @@ class ForwardSolver:
     def _raise_recorded_nonfinite(self, bad_score: Tensor, last: int) -> None:
         """Raise for the samples with a recorded NaN/Inf (check_every > 1): bad_score = max over iterations of
         bad * (last - it), so the first such iteration is last - max(bad_score)."""
-        seen = bad_score > 0
+        seen = bad_score.view(-1) > 0
         if bool(seen.any()):
             samples = seen.nonzero().squeeze(1).tolist()
             it = last - int(bad_score.max())

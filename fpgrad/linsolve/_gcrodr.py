@@ -112,8 +112,8 @@ class GCRODR(LinearSolver):
             basis = W[:, : k + j + 1]                                # C, then the Arnoldi vectors
             coef, w, hn, not_lucky = orthogonalise(basis, w, eps)  # CGS2 against C and V
             h = coef[:, k:]
-            stepping = givens_column(Qt, R, h, hn, j, active)
-            keep = stepping.unsqueeze(1)
+            keep = givens_column(Qt, R, h, hn, j, active.unsqueeze(1))     # (columns [B, 1])
+            stepping, hn, not_lucky = keep.squeeze(1), hn.squeeze(1), not_lucky.squeeze(1)
             ws.H[:, : j + 1, j] = torch.where(keep, h, 0)
             ws.H[:, j + 1, j] = torch.where(stepping, hn, 0)
             ws.Bk[:, :, j] = torch.where(keep, coef[:, :k], 0)       # C^T A v_j

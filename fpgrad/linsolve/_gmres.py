@@ -58,22 +58,32 @@ class GMRES(LinearSolver):
         eps = torch.finfo(run.b.dtype).eps
         beta = run.r.norm(dim=1)
         V, Qt, R = _workspace(run.b, min(m, INITIAL_CAPACITY))
+        # per-sample quantities of the loop are columns [B, 1]: they broadcast against the rows [B, n] without an
+        # unsqueeze a step (each one a dispatch on a GPU). The cycle's residual rows and masks are recorded in the
+        # run once, after the loop (three operations a cycle)
+        col = members.unsqueeze(1)
         # V holds zero rows for the samples out of the loop's mask, so each product needs no mask of its own: the
         # samples outside `members` start with a zero vector, and a sample leaving the mask gets a zero next vector
-        V[:, 0] = torch.where(members.unsqueeze(1), run.r / safe(beta).unsqueeze(1), 0)
-        stepped: list[Tensor] = []                          # each step's `stepping` mask, summed after the loop
+        V[:, 0] = torch.where(col, run.r / safe(beta).unsqueeze(1), 0)
+        stepped: list[Tensor] = []                          # each step's `stepping` column
+        rows: list[Tensor] = [run.rows[-1].unsqueeze(1)]    # residual columns: the run's last row, then each step's
+        entered: list[Tensor] = []                          # each step's active column
         zero = V.new_zeros(())
-        beta_rel = (beta / run.scale).to(Qt.dtype)        # the residual estimate is beta_rel |Q^T[j + 1, 0]|
-        q0 = Qt[:, :, 0]                                    # (a view: one select a step, not two)
-        active = members
+        beta_rel = (beta / run.scale).to(Qt.dtype).unsqueeze(1)   # the residual estimate is beta_rel |Q^T[j + 1, 0]|
+        threshold = run.threshold.unsqueeze(1) if isinstance(run.threshold, Tensor) else run.threshold
+        growth_limit = run.growth_limit.unsqueeze(1) if isinstance(run.growth_limit, Tensor) else run.growth_limit
+        q0 = Qt[:, :, 0]                                    # (a view: one slice a step)
+        active = col
         k = 0
         period = check_period(self.check_every, run.b.device, self.name)
         next_check = 0
         for j in range(m):
             if j == next_check:           # the host check (period > 1: next when the slowest is predicted to stop)
-                gap = min(period, len(run.rows) - 1) if period > 1 else 0
-                n_active, ahead = host_check(active, period, run.rows[-1], run.rows[-1 - gap] if gap else None, gap,
-                                             run.threshold, count=False)
+                gap = min(period, len(run.rows) + len(rows) - 2) if period > 1 else 0
+                before = None
+                if gap:
+                    before = rows[-1 - gap] if gap < len(rows) else run.rows[len(rows) - 2 - gap].unsqueeze(1)
+                n_active, ahead = host_check(active, period, rows[-1], before, gap, threshold, count=False)
                 if n_active == 0:
                     break
                 next_check = j + ahead
@@ -85,18 +95,26 @@ class GMRES(LinearSolver):
             h, w, hn, _ = orthogonalise(basis, w, eps)
             stepping = givens_column(Qt, R, h, hn, j, active)
             stepped.append(stepping)
-            rel = beta_rel * q0[:, j + 1].abs()
+            rel = beta_rel * q0[:, j + 1 : j + 2].abs()
             if rel.dtype != run.rel.dtype:
                 rel = rel.to(run.rel.dtype)
-            active = run.record_step(rel, active, stepping)
+            # record_step's arithmetic on columns: the residual frozen outside `active`; the samples that go on
+            # have not reached the threshold, not diverged and not gone NaN (NaN compares False both ways: such
+            # a sample leaves here and settle() flags it)
+            rows.append(torch.where(active, rel, rows[-1]))
+            entered.append(active)
+            active = stepping & (rel > threshold) & (rel <= growth_limit)
             # the next vector, zero for the samples that leave the mask. A sample that stays has hn > 0: at a lucky
             # breakdown hn = 0 makes the new rotation's sine 0, so its residual estimate is exactly 0 and it leaves
             # (the division by hn = 0 of the others is masked out)
             nxt = V[:, j + 1]
-            torch.where(active.unsqueeze(1), w / hn.unsqueeze(1), zero, out=nxt)     # (written in place)
+            torch.where(active, w / hn, zero, out=nxt)     # (written in place)
             k = j + 1
+        if entered:
+            run.rows.extend(torch.cat(rows[1:], 1).unbind(1))
+            run.actives.extend(torch.cat(entered, 1).unbind(1))
         run.settle(members)
-        steps = torch.stack(stepped).sum(0) if stepped else torch.zeros_like(run.status)
+        steps = torch.cat(stepped, 1).sum(1) if stepped else torch.zeros_like(run.status)
         if period > 1:
             run.drop_idle_tail(period - 1)
         if k > 0:
@@ -179,11 +197,11 @@ def _single_cycle(solver: GMRES, run: _Run) -> None:
 def orthogonalise(basis: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Classical Gram-Schmidt applied twice (CGS2) of w: [B, n] against the rows of basis: [B, j, n].
 
-    Returns (coefficients [B, j], the orthogonal remainder, its norm with 0 where the remainder vanished
-    relative to w, and the mask of the others: where it is False the space is invariant, the solution exact, a
-    "lucky" breakdown). Each pass is two batched products, the second fused with the subtraction (baddbmm):
+    Returns (coefficients [B, j], the orthogonal remainder, its norm [B, 1] with 0 where the remainder vanished
+    relative to w, and the mask [B, 1] of the others: where it is False the space is invariant, the solution
+    exact, a "lucky" breakdown). Each pass is two batched products, the second fused with the subtraction (baddbmm):
     ~13 dispatched operations a step, not ~21."""
-    norm0 = w.norm(dim=1)
+    norm0 = w.norm(dim=1, keepdim=True)
     w3 = w.unsqueeze(1)                                  # [B, 1, n]
     basis_t = basis.transpose(1, 2)                      # [B, n, j]
     c1 = torch.bmm(w3, basis_t)                          # [B, 1, j]
@@ -191,33 +209,33 @@ def orthogonalise(basis: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor,
     c2 = torch.bmm(w3, basis_t)
     w3 = torch.baddbmm(w3, c2, basis, alpha=-1)
     w = w3.squeeze(1)
-    hn = w.norm(dim=1)
+    hn = w.norm(dim=1, keepdim=True)
     extends = hn > eps * norm0                           # (False for a NaN remainder too)
     return (c1 + c2).squeeze(1), w, torch.where(extends, hn, 0), extends
 
 
 def givens_column(Qt: Tensor, R: Tensor, h: Tensor, hn: Tensor, j: int, active: Tensor) -> Tensor:
-    """Bring Hessenberg column j (h: [B, j + 1], subdiagonal hn: [B]) into R with the rotations so far and one
-    new rotation, updating Q^T and R in place. Returns the samples that took the step (active, with a nonzero
-    diagonal; for the others R gets an identity column: a singular Hessenberg matrix stops them here).
+    """Bring Hessenberg column j (h: [B, j + 1], subdiagonal hn: [B, 1]) into R with the rotations so far and one
+    new rotation, updating Q^T and R in place. active: [B, 1]. Returns the samples that took the step ([B, 1]:
+    active, with a nonzero diagonal; for the others R gets an identity column: a singular Hessenberg matrix
+    stops them here).
     The new rotation is applied to rows j, j + 1 of Q^T as one batched 2 x 2 product (a GPU step here is bound
     by dispatches: ~25 operations, not ~50)."""
-    column = torch.cat([h, hn.unsqueeze(1)], 1)
+    column = torch.cat([h, hn], 1)
     if column.dtype != Qt.dtype:                                    # (Q^T and R may be wider than h)
         column = column.to(Qt.dtype)
     col = torch.bmm(Qt[:, : j + 2, : j + 2], column.unsqueeze(2)).squeeze(2)
     pair = col[:, j:]                                               # [B, 2]: the entries the rotation meets
-    diag = torch.linalg.vector_norm(pair, dim=1)
+    diag = torch.linalg.vector_norm(pair, dim=1, keepdim=True)     # [B, 1]
     stepping = active & (diag > 0)
     safe_diag = torch.where(stepping, diag, 1)
-    st = stepping.unsqueeze(1)
     consts = _constants(Qt.dtype, Qt.device)
     # (cos, sin) of the new rotation; (1, 0) for the samples that do not step
-    cs = torch.where(st, pair / safe_diag.unsqueeze(1), consts["e0"])
+    cs = torch.where(stepping, pair / safe_diag, consts["e0"])
     # R's column j: the rotated column with diag in row j; the identity column e_j for the samples that do not
     # step (a cached row of I: no kernel a step)
     r_col = R[:, : j + 1, j]
-    torch.where(st, torch.cat([col[:, :j], diag.unsqueeze(1)], 1), _unit(j, R.dtype, R.device), out=r_col)
+    torch.where(stepping, torch.cat([col[:, :j], diag], 1), _unit(j, R.dtype, R.device), out=r_col)
     # rows j, j + 1 of Q^T <- [[cos, sin], [-sin, cos]] @ those rows
     G = cs[:, consts["index"]] * consts["sign"]                    # [B, 2, 2]
     rows = Qt[:, j : j + 2, : j + 2]
