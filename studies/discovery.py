@@ -881,7 +881,8 @@ def targets_table(root: Path, steps: int = 14_000) -> str:
     seeds: dict[str, set[int]] = {}
     for c, rows in runs:
         if not c.get("ablation"):
-            seeds.setdefault(_arm_of(c), set()).update([int(c["seed"])] if rows[-1]["step"] >= steps else [])
+            done = rows[-1]["step"] >= steps or collapsed_since(rows) is not None    # a collapsed run is decided
+            seeds.setdefault(_arm_of(c), set()).update([int(c["seed"])] if done else [])
     counts = ", ".join(f"{a} {len(seeds.get(a, ()))}" for a in ARMS)
     lines.append(f"| every arm on 3 seeds ({steps} steps) | {len(runs)} arm runs | finished seeds: {counts} | "
                  f"{'met' if all(len(seeds.get(a, ())) >= 3 for a in ARMS) else 'not yet'} |")

@@ -281,6 +281,14 @@ def _fake_run(root, arm, seed, values):
                                             for step, ari, rho in values))
 
 
+def test_a_collapsed_seed_counts_as_finished_in_the_targets_table(tmp_path, monkeypatch):
+    _fake_run(tmp_path, "neumann-5", 0, [(0, 0.0, 0.9), (10, 0.01, 1.5)])
+    _fake_run(tmp_path, "neumann-5", 1, [(0, 0.0, 0.9), (10, 0.3, 1.5)])
+    assert "neumann-5 0 | not yet |" in discovery.targets_table(tmp_path, steps=20)
+    monkeypatch.setattr(discovery, "collapsed_since", lambda rows: 10 if rows[-1]["fg_ari"] < 0.05 else None)
+    assert "neumann-5 1 | not yet |" in discovery.targets_table(tmp_path, steps=20)    # seed 0 collapsed: decided
+
+
 def test_the_targets_table_reads_each_penalised_seed_and_the_unrolled_baseline(tmp_path):
     _fake_run(tmp_path, "unrolled", 0, [(0, 0.0, 0.9), (10, 0.86, 3.0), (20, 0.80, 2.0)])
     _fake_run(tmp_path, "implicit-penalty", 0, [(0, 0.0, 0.9), (10, 0.5, 0.95), (20, 0.6, 0.8)])
