@@ -242,7 +242,51 @@ def _generic_tables(name: str, data: dict) -> list[str]:
                                     for r in res["rows"]],
                                    ["map", "batch", "vmap s", "loop s", "speedup", "max rel diff",
                                     "forward_unconverged_samples"]), ""]
+    if name == "recipe_overhead":
+        return ["", markdown_table([{**r, "plain ms": C.fmt(r["plain_ms"]), "fpgrad ms": C.fmt(r["fpgrad_ms"]),
+                                     "ratio": C.fmt(r["ratio"], 4), "CPU-time ratio": C.fmt(r["cpu_ratio"], 4)}
+                                    for r in res["rows"]],
+                                   ["size", "mode", "plain ms", "fpgrad ms", "ratio", "CPU-time ratio"]), ""]
+    if name == "dispatch":
+        return ["", markdown_table([{**r, "top kernels": ", ".join(f"{k} {v}" for k, v in
+                                                            list(r.get("top_kernels", {}).items())[:4])}
+                                    for r in res["rows"]],
+                                   ["map", "method", "top_level_ops", "kernel_like_ops", "host_syncs",
+                                    "top kernels"]), ""]
+    if name == "contraction":
+        return _contraction_tables(res)
     return []
+
+
+def _contraction_tables(res: dict) -> list[str]:
+    from fpgrad.report import markdown_table
+    out = []
+    fro = res.get("frobenius")
+    if fro:
+        out += [f"#### Frobenius penalty: n = {fro['n']}, batch {fro['batch']}, exact ||J||_F^2 / n = "
+                f"{C.fmt(fro['exact'])}", "",
+                markdown_table([{**r, "mean": C.fmt(r["mean"]), "std error": C.fmt(r["std_error"]),
+                                 "z": C.fmt(r["z_score"], 3)} for r in fro["rows"]],
+                               ["method", "mean", "std error", "z", "draws"]), "",
+                markdown_table([{"method": k.split(" | ")[0], "part": k.split(" | ")[-1], "seconds": C.fmt(v)}
+                                for k, v in fro["step_seconds"].items()], ["method", "part", "seconds"]), ""]
+    spec = res.get("spectral")
+    if spec:
+        sweep = "; ".join(f"{k} warm steps: {C.fmt(v['median_rel_error_after_first'], 3)} "
+                          f"({v['products_per_step']} products)" for k, v in spec.get("warm_steps_sweep", {}).items())
+        out += [f"#### Spectral penalty along training: n = {spec['n']}, batch {spec['batch']}, {spec['steps']} steps",
+                "",
+                f"Median relative error of the warm estimate of max rho(J) after the first step: "
+                f"{C.fmt(spec['median_rel_error_after_first'], 3)} ({spec['products_per_warm_step']} products a step; "
+                f"the first, cold step {spec['products_cold_first_step']}); of ||J||_2: "
+                f"{C.fmt(spec['norm_median_rel_error_after_first'], 3)}. {sweep}.", ""]
+    mon = res.get("monitor")
+    if mon:
+        out += [f"#### Monitor: n = {mon['n']}, batch {mon['batch']}", "",
+                f"Training step {C.fmt(mon['step_seconds'])} s, one check {C.fmt(mon['monitor_seconds'])} s: "
+                f"{C.fmt(mon['fraction_at_default_period'], 3)} of a step at the default period "
+                f"(every {mon['every']} steps).", ""]
+    return out
 
 
 def _overhead(found: dict, library: str, solver: str) -> float | None:

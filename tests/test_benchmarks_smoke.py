@@ -7,6 +7,7 @@ The benchmarks themselves are not part of the test suite; run them with `python 
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -70,3 +71,22 @@ def test_dispatch_counts_what_a_gpu_step_would_dispatch_with_cuda_check_periods(
     dispatch.main(["--quick", "--out", str(tmp_path / "dispatch.json")])
     rows = json.loads((tmp_path / "dispatch.json").read_text())["results"]["rows"]
     assert {r["library"] for r in rows} >= {"fpgrad"} and all(r["top_level_ops"] > 0 for r in rows)
+
+
+def test_every_stored_benchmark_gets_its_table_in_the_rendered_readme():
+    """Each committed JSON's section of reports/benchmarks/README.md carries its numbers, not only its description:
+    a benchmark whose results have no renderer would show an empty section."""
+    from pathlib import Path
+
+    from benchmarks import targets
+
+    out = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
+    text = targets.render(out)
+    for name in ("recipe_overhead", "dispatch", "contraction", "memory", "vmap", "solver_overhead"):
+        if not (out / f"{name}.json").exists():
+            continue
+        section = text.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]
+        assert "\n| " in section, f"{name}: no table rendered"
+    rows = json.loads((out / "recipe_overhead.json").read_text())["results"]["rows"]
+    section = text.split("\n## recipe_overhead\n", 1)[1].split("\n## ", 1)[0]
+    assert all(f"| {r['size']} | {r['mode']} |" in section for r in rows)
