@@ -241,3 +241,56 @@ def test_gmres_flags_a_sample_whose_operator_turns_nan_mid_cycle_and_solves_the_
     assert sol.diverged.tolist() == [True, False] and sol.converged.tolist() == [False, True]
     assert "NaN" in sol.message
     torch.testing.assert_close(sol.u[1], p.u[1], rtol=1e-8, atol=1e-9)
+
+
+# ---- GMRES's deferred factorisation (check_every > 1): the Hessenberg is factored at host checks only ----------
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(34, 90), B=st.integers(2, 4), seed=st.integers(0, 2 ** 16), radius=st.floats(0.9, 0.99),
+       restart=st.sampled_from([33, 40, 64, 200]), k=st.sampled_from([3, 8]), precondition=st.booleans())
+def test_gmres_deferred_factorisation_past_the_first_workspace_equals_the_rotated_loop(n, B, seed, radius, restart,
+                                                                                      k, precondition):
+    # restarts > 32 grow the basis and the stored Hessenberg past their first allocation; tol 1e-12 makes the
+    # near-unit radii take most of n steps
+    p = make_problem(n, [radius * (0.5 + 0.5 * i / (B - 1)) for i in range(B)], seed=seed)
+    P = (lambda v: v + 0.5 * p.M(v)) if precondition else None                  # ~ (I - M)^{-1}
+    a = GMRES(tol=1e-12, max_iter=400, restart=restart, check_every=1).compute(p.M, p.b, preconditioner=P)
+    b = GMRES(tol=1e-12, max_iter=400, restart=restart, check_every=k).compute(p.M, p.b, preconditioner=P)
+    assert torch.equal(a.status, b.status) and torch.equal(a.iterations, b.iterations)
+    assert a.residuals.shape == b.residuals.shape
+    torch.testing.assert_close(b.u, a.u, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(b.residuals, a.residuals, rtol=1e-5, atol=1e-13)
+    torch.testing.assert_close(b.u, p.u, rtol=1e-7, atol=1e-8)          # and against the dense solve
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gmres_deferred_factorisation_in_low_precision_reaches_what_the_dtype_allows(dtype):
+    # the residual estimate is the tail norm of Q's first row, not 1 - sum of squares (which would floor at
+    # ~sqrt(eps) = 2e-4 in float32 and stop no sample at 1e-5)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    p = make_problem(48, [0.6, 0.8, 0.9], seed=5, dtype=dtype)
+    a = GMRES(tol=tol, max_iter=200, restart=60, check_every=1).compute(p.M, p.b)
+    b = GMRES(tol=tol, max_iter=200, restart=60, check_every=8).compute(p.M, p.b)
+    assert bool(a.converged.all()) and bool(b.converged.all()) and b.u.dtype == dtype, b.message
+    assert bool((p.residual(b.u) <= 20 * tol).all())
+    assert (b.iterations - a.iterations).abs().max() <= 1                # round-off may move a stop by a step
+    assert bool((p.error(b.u) <= 50 * tol).all())
+
+
+def test_gmres_deferred_factorisation_stops_a_singular_sample_as_the_rotated_loop_does():
+    # sample 0's system is singular (I - M = diag(1, .., 1, 0), b with a component outside its range): its Krylov
+    # space breaks down on a singular Hessenberg after 2 steps and no u solves it; both loops stop it, unconverged
+    # and with the same status (its u is meaningless and differs), and solve sample 1 as usual
+    p = make_problem(30, [0.5, 0.7], seed=2)
+    Mmat = p.Mmat.clone()
+    Mmat[0] = torch.diag(torch.tensor([0.0] * 29 + [1.0], dtype=torch.float64))
+
+    def M(v):
+        return torch.einsum("bij,bj->bi", Mmat, v)
+    a = GMRES(tol=1e-10, max_iter=100, check_every=1).compute(M, p.b)
+    b = GMRES(tol=1e-10, max_iter=100, check_every=8).compute(M, p.b)
+    assert not bool(a.converged[0]) and bool(a.converged[1]), a.message
+    assert torch.equal(a.status, b.status) and torch.equal(a.iterations, b.iterations), (a.message, b.message)
+    assert int(b.status[0]) != 1 and not bool(b.converged[0])
+    torch.testing.assert_close(b.u[1], a.u[1], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(b.u[1], p.u[1], rtol=1e-8, atol=1e-9)
