@@ -33,8 +33,8 @@ class GMRES(LinearSolver):
     stay on the device; the steps run after the last sample stopped are dropped from the trace (their matvecs
     are counted). With check_every > 1 the rotations are not applied step by step: the Hessenberg columns are
     stored and factored once per host check by a batched Householder QR (about 38 dispatched operations an
-    Arnoldi step with a matrix operator instead of about 55; the same iterations and solution up to round-off). The batch of one solves on the
-    host and syncs once a step whatever check_every says.
+    Arnoldi step with a matrix operator instead of about 55; the same iterations and solution up to round-off).
+    The batch of one solves on the host and syncs once a step whatever check_every says.
     """
 
     restart: int = 30
@@ -84,11 +84,7 @@ class GMRES(LinearSolver):
         next_check = 0
         for j in range(m):
             if j == next_check:           # the host check (period > 1: next when the slowest is predicted to stop)
-                gap = min(period, len(run.rows) + len(rows) - 2) if period > 1 else 0
-                before = None
-                if gap:
-                    before = rows[-1 - gap] if gap < len(rows) else run.rows[len(rows) - 2 - gap].unsqueeze(1)
-                n_active, ahead = host_check(active, period, rows[-1], before, gap, threshold, count=False)
+                n_active, ahead = _cycle_check(run, rows, active, period, threshold)
                 if n_active == 0:
                     break
                 next_check = j + ahead
@@ -129,20 +125,31 @@ class GMRES(LinearSolver):
         return None
 
 
+def _cycle_check(run: _Run, rows: list[Tensor], active: Tensor, period: int, threshold) -> tuple[int, int]:
+    """A batched cycle's host check: (0 if no sample is active, else 1; steps until the next check). rows: the
+    cycle's residual columns [B, 1], the first being the run's last row; the prediction reads the residuals
+    `period` steps back, reaching into the run's rows before the cycle."""
+    gap = min(period, len(run.rows) + len(rows) - 2) if period > 1 else 0
+    before = None
+    if gap:
+        before = rows[-1 - gap] if gap < len(rows) else run.rows[len(rows) - 2 - gap].unsqueeze(1)
+    return host_check(active, period, rows[-1], before, gap, threshold, count=False)
+
+
 def _deferred_cycle(solver: GMRES, run: _Run, members: Tensor, m: int, period: int) -> None:
     """The batched cycle with check_every > 1 (the CUDA default): the Hessenberg columns are stored and factored
     only at a host check, by one batched Householder QR, instead of one Givens rotation per Arnoldi step.
 
     Between checks nothing is read on the host, so the per-step rotation served only to know each step which
     samples had stopped. Here an Arnoldi step is the matvec, CGS2 and two writes (~38 dispatched operations
-    with a matrix operator instead of ~55), and a check factors H[:, :j + 1, :j] = Q R (geqrf): the least-squares residual after step t
-    is beta ||(Q^T e1)[t + 1:]|| (a tail norm: exact in float32 too, where 1 - sum (Q^T e1)[:t + 1]^2 would lose
-    everything below ~2e-4), and the per-step masks of the rotated loop (which samples entered each
-    step, which stepped, the frozen residual rows) follow from those residuals and R's diagonal in a few
-    operations. A sample that stopped between checks keeps extending its basis until the check (on a GPU its rows
-    cost nothing extra: the batch runs for the slowest sample); those columns never enter its solution (its
-    triangular system gets identity columns past its steps). A non-finite column stops its sample as NaN, as the
-    rotated loop's check does; the result equals check_every = 1's up to round-off."""
+    with a matrix operator instead of ~55), and a check factors H[:, :j + 1, :j] = Q R (geqrf): the
+    least-squares residual after step t is beta ||(Q^T e1)[t + 1:]|| (a tail norm: exact in float32 too, where
+    1 - sum (Q^T e1)[:t + 1]^2 would lose everything below ~2e-4), and the per-step masks of the rotated loop
+    (which samples entered each step, which stepped, the frozen residual rows) follow from those residuals and
+    R's diagonal in a few operations. A sample that stopped between checks keeps extending its basis until the
+    check (on a GPU its rows cost nothing extra: the batch runs for the slowest sample); those columns never
+    enter its solution (its triangular system gets identity columns past its steps). A non-finite column stops
+    its sample as NaN, as the rotated loop's check does; the result equals check_every = 1's up to round-off."""
     B, n = run.b.shape
     eps = torch.finfo(run.b.dtype).eps
     small = small_dtype(run.b.dtype)
@@ -208,11 +215,7 @@ def _deferred_cycle(solver: GMRES, run: _Run, members: Tensor, m: int, period: i
                 factor(j)
                 factored = j
                 live = active
-            gap = min(period, len(run.rows) + len(rows) - 2)
-            before = None
-            if gap:
-                before = rows[-1 - gap] if gap < len(rows) else run.rows[len(rows) - 2 - gap].unsqueeze(1)
-            n_active, ahead = host_check(active, period, rows[-1], before, gap, threshold, count=False)
+            n_active, ahead = _cycle_check(run, rows, active, period, threshold)
             if n_active == 0:
                 break
             next_check = j + ahead
