@@ -116,8 +116,6 @@ class GMRES(LinearSolver):
             run.actives.extend(torch.cat(entered, 1).unbind(1))
         run.settle(members)
         steps = torch.cat(stepped, 1).sum(1) if stepped else torch.zeros_like(run.status)
-        if period > 1:
-            run.drop_idle_tail(period - 1)
         if k > 0:
             y = least_squares(Qt, R, beta, steps, k).to(V.dtype)
             du = run.precondition(torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1))
@@ -196,8 +194,7 @@ def _deferred_cycle(solver: GMRES, run: _Run, members: Tensor, m: int, period: i
         stepping_ok = diag > 0                                                  # (False for NaN)
         going = stepping_ok & (rel > threshold) & (rel <= growth_limit)
         # entered step t: active before the window and every earlier step of the window went on
-        before_t = torch.cat([active, going[:, :-1]], 1).long().cumprod(1).bool()
-        ent = before_t & active
+        ent = torch.cat([active, going[:, :-1]], 1).long().cumprod(1).bool()
         took = ent & stepping_ok
         # residual rows frozen outside `entered`: a sample's value after it left is its last entered step's
         n_in = ent.sum(1, keepdim=True)
