@@ -120,6 +120,9 @@ class _Run:
         self.actives: list[Tensor] = []   # [B] bool per iteration: which samples took part
         self.cache: dict = {}             # per-solver state that lives as long as the run (e.g. P^T)
         self.state = None                 # caller-owned state handed to compute(state=...) (a RecycleSpace)
+        # (residual [B, n], rounding bound [B]) a cycle may leave for close(): the residual of its update formed
+        # from its basis (no matvec); None: close() computes the true residual
+        self.recurrence: tuple[Tensor, Tensor] | None = None
 
     # --- operators ---------------------------------------------------------------------------------------------
     def _apply(self, op: Operator, v: Tensor, what: str) -> Tensor:
@@ -231,6 +234,32 @@ class _Run:
             self.actives.append(mask)
         self._classify(self.rel, mask, converge=True)
 
+    def close(self, mask: Tensor) -> None:
+        """End a cycle for the samples in `mask`: the true residual of their iterate (refresh: one matvec), or,
+        where the cycle left one (run.recurrence, GMRES), the residual formed from its basis, which equals b - A u
+        up to the rounding bound it comes with (an explicit vector, so a basis that lost orthogonality shows in
+        its norm). That one is taken, and the matvec saved, only where no sample needs the true residual: without
+        a preconditioner (whose rounding the bound does not cover), and when the bound cannot change any sample's
+        verdict: each sample is below its threshold with the bound added, or, at the end of the budget, above it
+        with the bound subtracted. Otherwise (a sample to restart, a verdict within rounding, a NaN) the matvec
+        is computed, as without a recurrence. One host sync where a recurrence is given."""
+        recurrence, self.recurrence = self.recurrence, None
+        if recurrence is None or self.P is not None:
+            self.refresh(mask)
+            return
+        r, bound = recurrence
+        rel = r.norm(dim=1) / self.scale
+        slack = bound / self.scale
+        sure = rel + slack <= self.threshold
+        if self.budget <= 0:
+            sure = sure | (rel - slack > self.threshold)
+        if not bool((sure | ~mask).all()):
+            self.refresh(mask)
+            return
+        self.r = torch.where(mask.unsqueeze(1), r.to(self.r.dtype), self.r)
+        self.rel = torch.where(mask, rel.to(self.rel.dtype), self.rel)
+        self._classify(self.rel, mask, converge=True)
+
     @property
     def iterations(self) -> Tensor:
         """[B] long: iterations each sample took part in."""
@@ -253,7 +282,8 @@ class _Run:
         iterations, last_row = self.iterations, self.last_row
         diverged = torch.isin(self.status, torch.tensor(DIVERGED_CODES, device=self.status.device))
         residuals = torch.stack(self.rows)
-        # a sample's entries from its last iteration on are the true residual of the returned u
+        # a sample's entries from its last iteration on are the residual of the returned u (the true one, or the
+        # one formed from a GMRES basis: equal up to rounding that cannot change the verdict; see close())
         after = torch.arange(residuals.shape[0], device=residuals.device).unsqueeze(1) >= last_row
         residuals = torch.where(after & ~diverged, self.rel, residuals)
         u = torch.where(diverged.unsqueeze(1), torch.full_like(self.u, math.nan), self.u)
@@ -336,12 +366,13 @@ class LinearSolver(AbstractSolver):
 
     # --- the per-solver piece --------------------------------------------------------------------------------
     def _iterate(self, run: _Run) -> None:
-        """Restarted Krylov loop: cycles of recursive-residual iterations, each closed by a true residual."""
+        """Restarted Krylov loop: cycles of recursive-residual iterations, each closed by a true residual (or its
+        equal up to rounding where no further cycle needs it: _Run.close)."""
         while run.budget > 0 and bool(run.running.any()):
             members = run.running
             start, rows = run.rel, len(run.rows)
             broke = self._cycle(run, members)
-            run.refresh(members & run.running)         # the diverged keep their (NaN-bound) iterate
+            run.close(members & run.running)           # the diverged keep their (NaN-bound) iterate
             if broke is not None:
                 run.flag(broke, BREAKDOWN)
             if run.budget > 0:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._common import DIVERGED_CODES, MAX_ITER, STAGNATED, LinearSolver, _Run, safe, small_dtype
-from ._gmres import INITIAL_CAPACITY, givens_column, least_squares, orthogonalise
+from ._gmres import INITIAL_CAPACITY, givens_column, least_squares, orthogonalise, recurrence_bound
 from ._recycle import RecycleSpace
 
 
@@ -92,6 +92,7 @@ class GCRODR(LinearSolver):
         t = torch.bmm(c.unsqueeze(1), U).squeeze(1)                  # correction of u before P
         r = run.r - torch.bmm(c.unsqueeze(1), C).squeeze(1)
         active = members
+        plain = not state.recycled              # no recycled space: this cycle is plain GMRES
         if state.project_row:                   # the projection on a space from earlier solves is an iteration
             state.project_row = False
             rel = r.norm(dim=1) / run.scale
@@ -126,6 +127,15 @@ class GCRODR(LinearSolver):
         if s > 0:
             # min ||beta e1 - Hbar y||, then the U part cancels C^T A V y:  du = V y - U (C^T A V) y
             y = least_squares(ws.Qt, ws.R, beta, steps, s).to(ws.W.dtype)
+            if plain:
+                # as GMRES: the residual of the update formed from the basis, which spares close() its matvec.
+                # (With a recycled space it would also rest on A U = C, whose rounding the SVD that made C can
+                # scale by up to 1 / sqrt(eps): there the true residual is computed.)
+                Hs = ws.H[:, : s + 1, :s].to(y.dtype)
+                coefficients = torch.bmm(Hs, y.unsqueeze(2)).squeeze(2).neg()
+                coefficients[:, 0] += beta.to(y.dtype)
+                residual = torch.bmm(coefficients.unsqueeze(1), ws.W[:, k : k + s + 1]).squeeze(1)
+                run.recurrence = (residual, recurrence_bound(eps, s, beta, y, Hs.norm(dim=1), run.u))
             By = torch.bmm(ws.Bk[:, :, :s], y.unsqueeze(2)).squeeze(2)
             t = t + torch.bmm(y.unsqueeze(1), ws.W[:, k : k + s]).squeeze(1) - torch.bmm(By.unsqueeze(1), U).squeeze(1)
         run.u = torch.where(members.unsqueeze(1), run.u + run.precondition(t), run.u)

@@ -93,7 +93,7 @@ class GMRES(LinearSolver):
                 q0 = Qt[:, :, 0]
             w = run.A(run.precondition(V[:, j]))            # (zero rows outside `active`: see V[:, 0])
             basis = V[:, : j + 1]
-            h, w, hn, _ = orthogonalise(basis, w, eps)
+            h, w, hn, extends = orthogonalise(basis, w, eps)
             stepping = givens_column(Qt, R, h, hn, j, active)
             stepped.append(stepping)
             rel = beta_rel * q0[:, j + 1 : j + 2].abs()
@@ -105,11 +105,12 @@ class GMRES(LinearSolver):
             rows.append(torch.where(active, rel, rows[-1]))
             entered.append(active)
             active = stepping & (rel > threshold) & (rel <= growth_limit)
-            # the next vector, zero for the samples that leave the mask. A sample that stays has hn > 0: at a lucky
-            # breakdown hn = 0 makes the new rotation's sine 0, so its residual estimate is exactly 0 and it leaves
-            # (the division by hn = 0 of the others is masked out)
+            # the next vector, zero for the samples that did not step (a sample that stepped and leaves keeps it:
+            # the residual formed after the loop needs it; its row in the next product is discarded). At a lucky
+            # breakdown hn = 0 makes the new rotation's sine 0, so the residual estimate is exactly 0 and the
+            # sample leaves (the division by hn = 0 is masked out)
             nxt = V[:, j + 1]
-            torch.where(active, w / hn, zero, out=nxt)     # (written in place)
+            torch.where(stepping & extends, w / hn, zero, out=nxt)     # (written in place)
             k = j + 1
         if entered:
             run.rows.extend(torch.cat(rows[1:], 1).unbind(1))
@@ -117,10 +118,35 @@ class GMRES(LinearSolver):
         run.settle(members)
         steps = torch.cat(stepped, 1).sum(1) if stepped else torch.zeros_like(run.status)
         if k > 0:
-            y = least_squares(Qt, R, beta, steps, k).to(V.dtype)
+            y = least_squares(Qt, R, beta, steps, k)
+            # the residual of the update, from the basis: beta e1 - Hbar y = Q (beta Q^T e1)[steps] e_steps, so
+            # r = (beta Q^T e1)[steps] V^T Q^T[steps, :] (row `steps` of Q^T is untouched by the identity
+            # rotations of the steps a sample did not take, and zero past column `steps`)
+            q = Qt[torch.arange(B, device=Qt.device), steps, : k + 1]                  # [B, k + 1]
+            coefficients = beta.to(q.dtype).unsqueeze(1) * q[:, :1] * q
+            residual = torch.bmm(coefficients.to(V.dtype).unsqueeze(1), V[:, : k + 1]).squeeze(1)
+            run.recurrence = (residual, recurrence_bound(eps, k, beta, y, R[:, :k, :k].norm(dim=1), run.u))
+            y = y.to(V.dtype)
             du = run.precondition(torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1))
             run.u = torch.where((steps > 0).unsqueeze(1), run.u + du, run.u)
         return None
+
+
+RECURRENCE_ROUNDING = 16.0    # the constant of recurrence_bound (measured gaps: tests/test_gmres_recurrence.py)
+
+
+def recurrence_bound(eps: float, k: int, beta: Tensor, y: Tensor, column_norms: Tensor, u0: Tensor) -> Tensor:
+    """[B]: a bound on the gap between r, the residual formed from a k-step GMRES basis for u = u0 + V y, and the
+    residual b - A u a fresh product would give: c eps sqrt(k + 1) (beta + a (sum_j |y_j| + ||u0||)), with a =
+    max_j ||A v_j|| (the largest Hessenberg column; R's too: Q is orthogonal) standing for ||A||. Each product
+    A v_j carries a rounding error of about eps ||A|| (v_j is a unit vector), which r collects with weight |y_j|;
+    the products that formed the cycle's starting residual from u0, and the one a check would apply to u, about
+    eps ||A|| ||u0|| and eps ||A|| ||u||; Gram-Schmidt and the combinations forming u and r about eps beta.
+    sqrt(k + 1) counts these as random. (Where A is far from normal, ||u|| can be many orders above ||b||: the
+    true residual is then known only to eps ||A|| ||u||, and the bound says so.)"""
+    a = column_norms.amax(1) if column_norms.shape[1] else torch.zeros_like(beta)
+    size = beta.to(y.dtype) + a.to(y.dtype) * (y.abs().sum(1) + u0.norm(dim=1).to(y.dtype))
+    return (RECURRENCE_ROUNDING * eps * math.sqrt(k + 1) * size).to(beta.dtype)
 
 
 def _cycle_check(run: _Run, rows: list[Tensor], active: Tensor, period: int, threshold) -> tuple[int, int]:
@@ -238,7 +264,15 @@ def _deferred_cycle(solver: GMRES, run: _Run, members: Tensor, m: int, period: i
         used = torch.arange(k, device=steps.device) < steps.unsqueeze(1)             # [B, k]
         Rk = torch.where(used.unsqueeze(1) & used.unsqueeze(2), R[:, :k, :k], _identity(k, R.dtype, R.device))
         g = torch.where(used, beta.unsqueeze(1).to(R.dtype) * qe1[:, :k], 0)
-        y = torch.linalg.solve_triangular(Rk, g.unsqueeze(2), upper=True).squeeze(2).to(V.dtype)
+        y = torch.linalg.solve_triangular(Rk, g.unsqueeze(2), upper=True).squeeze(2)
+        # the residual of the update, from the basis: V^T (beta e1 - Hbar y) over each sample's own columns (zero
+        # past them; its rows past steps + 1 are zero too: Hessenberg)
+        Hu = torch.where(used.unsqueeze(1), H[:, : k + 1, :k], 0)
+        coefficients = torch.bmm(Hu, y.unsqueeze(2)).squeeze(2).neg()
+        coefficients[:, 0] += beta.to(coefficients.dtype)
+        residual = torch.bmm(coefficients.to(V.dtype).unsqueeze(1), V[:, : k + 1]).squeeze(1)
+        run.recurrence = (residual, recurrence_bound(eps, k, beta, y, Hu.norm(dim=1), run.u))
+        y = y.to(V.dtype)
         du = run.precondition(torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1))
         run.u = torch.where((steps > 0).unsqueeze(1), run.u + du, run.u)
     return None
@@ -309,6 +343,16 @@ def _single_cycle(solver: GMRES, run: _Run) -> None:
         for j, col in enumerate(columns):
             R[: j + 1, j] = col
         y = scipy.linalg.solve_triangular(R, np.asarray(g[:k]))
+        # the residual of the update, from the basis: g[k] V^T Q e_k, Q e_k = G_0^T ... G_{k-1}^T e_k
+        q = [0.0] * k + [1.0]
+        for i in reversed(range(k)):
+            a, b = q[i], q[i + 1]
+            q[i], q[i + 1] = cs[i] * a - sn[i] * b, sn[i] * a + cs[i] * b
+        coefficients = torch.tensor([g[k] * x for x in q], dtype=run.b.dtype, device=run.b.device)
+        residual = torch.mv(V[: k + 1].T, coefficients).unsqueeze(0)
+        size = beta + float(np.linalg.norm(R, axis=0).max()) * (float(np.abs(y).sum()) + float(run.u.norm()))
+        bound = RECURRENCE_ROUNDING * eps * math.sqrt(k + 1) * size
+        run.recurrence = (residual, torch.full_like(run.rel, bound))
         y = torch.as_tensor(y, dtype=run.b.dtype).to(run.b.device)
         run.u = run.u + run.precondition(torch.mv(V[:k].T, y).unsqueeze(0))
     return None
