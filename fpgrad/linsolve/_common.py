@@ -28,6 +28,7 @@ RUNNING, CONVERGED, MAX_ITER, STAGNATED, BREAKDOWN, NONFINITE, GROWTH, INDEFINIT
 DIVERGED_CODES = (NONFINITE, GROWTH, INDEFINITE, SINGULAR)
 
 GROWTH_LIMIT = 1e4        # a residual above GROWTH_LIMIT x its initial value counts as diverged
+ROUNDING_SHARE = 0.25     # a residual formed from a Krylov basis decides where its rounding bound is <= this x tol
 STAGNATION = 1e-3         # a restart cycle that lowers the true residual by less than this fraction stagnated
 
 
@@ -234,31 +235,41 @@ class _Run:
             self.actives.append(mask)
         self._classify(self.rel, mask, converge=True)
 
-    def close(self, mask: Tensor) -> None:
+    def close(self, mask: Tensor) -> bool:
         """End a cycle for the samples in `mask`: the true residual of their iterate (refresh: one matvec), or,
-        where the cycle left one (run.recurrence, GMRES), the residual formed from its basis, which equals b - A u
-        up to the rounding bound it comes with (an explicit vector, so a basis that lost orthogonality shows in
-        its norm). That one is taken, and the matvec saved, only where no sample needs the true residual: without
-        a preconditioner (whose rounding the bound does not cover), and when the bound cannot change any sample's
-        verdict: each sample is below its threshold with the bound added, or, at the end of the budget, above it
-        with the bound subtracted. Otherwise (a sample to restart, a verdict within rounding, a NaN) the matvec
-        is computed, as without a recurrence. One host sync where a recurrence is given."""
+        where the cycle left one (run.recurrence, GMRES), the residual formed from its basis. That one equals
+        b - A u up to the rounding bound it comes with, and is an explicit vector, so a basis that lost
+        orthogonality shows in its norm. A fresh product is no more exact than that: it rounds at the same
+        eps ||A|| ||u||. So the formed residual decides wherever rounding is small against the verdict's scale:
+        a sample below its threshold whose bound is at most ROUNDING_SHARE of that threshold (it converged; the
+        bound, in practice 10x the actual gap, cannot move it past 1.25x), or, at the end of the budget, one
+        above its threshold by more than the bound (it did not). A sample that restarts needs the true residual.
+        The formed residual is taken, and the matvec saved, when that holds for every sample (the product is one
+        batched call) and no preconditioner is given (whose rounding the bound does not cover). Otherwise (a
+        sample to restart, rounding of the tolerance's size as in bfloat16, a NaN) the matvec is computed, as
+        without a recurrence. One host sync where a recurrence is given.
+        Returns True where the formed residual was taken: every sample of `mask` (every running one) has ended,
+        and the caller needs no sync to learn it."""
         recurrence, self.recurrence = self.recurrence, None
         if recurrence is None or self.P is not None:
             self.refresh(mask)
-            return
+            return False
         r, bound = recurrence
         rel = r.norm(dim=1) / self.scale
         slack = bound / self.scale
-        sure = rel + slack <= self.threshold
+        sure = (rel <= self.threshold) & (slack <= ROUNDING_SHARE * self.threshold)
         if self.budget <= 0:
             sure = sure | (rel - slack > self.threshold)
+        # (a NaN residual is neither below nor above: the product decides)
         if not bool((sure | ~mask).all()):
             self.refresh(mask)
-            return
-        self.r = torch.where(mask.unsqueeze(1), r.to(self.r.dtype), self.r)
-        self.rel = torch.where(mask, rel.to(self.rel.dtype), self.rel)
+            return False
+        # every sample of `mask` ends here, so self.r, which only a next cycle reads, is left as it is
+        if rel.dtype != self.rel.dtype:
+            rel = rel.to(self.rel.dtype)
+        self.rel = torch.where(mask, rel, self.rel)
         self._classify(self.rel, mask, converge=True)
+        return True
 
     @property
     def iterations(self) -> Tensor:
@@ -372,9 +383,11 @@ class LinearSolver(AbstractSolver):
             members = run.running
             start, rows = run.rel, len(run.rows)
             broke = self._cycle(run, members)
-            run.close(members & run.running)           # the diverged keep their (NaN-bound) iterate
+            ended = run.close(members & run.running)   # the diverged keep their (NaN-bound) iterate
             if broke is not None:
                 run.flag(broke, BREAKDOWN)
+            if ended:                                  # every running sample has ended: no sync to ask
+                break
             if run.budget > 0:
                 no_progress = run.rel > (1.0 - STAGNATION) * start
                 run.flag(members & (no_progress | (len(run.rows) == rows)), STAGNATED)

@@ -135,7 +135,7 @@ class GCRODR(LinearSolver):
                 coefficients = torch.bmm(Hs, y.unsqueeze(2)).squeeze(2).neg()
                 coefficients[:, 0] += beta.to(y.dtype)
                 residual = torch.bmm(coefficients.unsqueeze(1), ws.W[:, k : k + s + 1]).squeeze(1)
-                run.recurrence = (residual, recurrence_bound(eps, beta, y, Hs.norm(dim=1), run.u))
+                run.recurrence = (residual, recurrence_bound(eps, beta, y, Hs.norm(dim=1).amax(1), run.u))
             By = torch.bmm(ws.Bk[:, :, :s], y.unsqueeze(2)).squeeze(2)
             t = t + torch.bmm(y.unsqueeze(1), ws.W[:, k : k + s]).squeeze(1) - torch.bmm(By.unsqueeze(1), U).squeeze(1)
         run.u = torch.where(members.unsqueeze(1), run.u + run.precondition(t), run.u)

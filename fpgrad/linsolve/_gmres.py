@@ -129,7 +129,7 @@ class GMRES(LinearSolver):
             q = Qt[torch.arange(B, device=Qt.device), steps, : k + 1]                  # [B, k + 1]
             coefficients = beta.to(q.dtype).unsqueeze(1) * q[:, :1] * q
             residual = torch.bmm(coefficients.to(V.dtype).unsqueeze(1), V[:, : k + 1]).squeeze(1)
-            run.recurrence = (residual, recurrence_bound(eps, beta, y, R[:, :k, :k].norm(dim=1), run.u))
+            run.recurrence = (residual, recurrence_bound(eps, beta, y, R[:, :k, :k].norm(dim=1).amax(1), run.u))
             y = y.to(V.dtype)
             du = run.precondition(torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1))
             run.u = torch.where((steps > 0).unsqueeze(1), run.u + du, run.u)
@@ -143,7 +143,7 @@ ROUNDING_CYCLE = 16.0
 ROUNDING_START = 128.0
 
 
-def recurrence_bound(eps: float, beta: Tensor, y: Tensor, column_norms: Tensor, u0: Tensor) -> Tensor:
+def recurrence_bound(eps: float, beta: Tensor, y: Tensor, a: Tensor, u0: Tensor) -> Tensor:
     """[B]: a bound on the gap between r, the residual formed from a GMRES basis for u = u0 + V y, and the residual
     b - A u a fresh product would give: eps (16 (beta + a sum_j |y_j|) + 128 a ||u0||), with a = max_j ||A v_j||
     (the largest Hessenberg column; R's too: Q is orthogonal) standing for ||A||. Each product A v_j carries a
@@ -151,12 +151,12 @@ def recurrence_bound(eps: float, beta: Tensor, y: Tensor, column_norms: Tensor, 
     and the combinations forming u and r add about eps beta. The products behind the cycle's starting residual
     (from u0) and the one a check would apply to u round at eps ||A|| ||u0||, with sums of n terms: their
     constant is the larger. (Where A is far from normal, ||u|| can be many orders above ||b||: the true
-    residual is then known only to eps ||A|| ||u||, and the bound says so.)"""
-    a = column_norms.amax(1) if column_norms.shape[1] else torch.zeros_like(beta)
-    a = a.to(y.dtype)
-    cycle = beta.to(y.dtype) + a * y.abs().sum(1)
-    start = a * u0.norm(dim=1).to(y.dtype)
-    return (eps * (ROUNDING_CYCLE * cycle + ROUNDING_START * start)).to(beta.dtype)
+    residual is then known only to eps ||A|| ||u||, and the bound says so.) Five operations."""
+    u0_norm = u0.norm(dim=1)
+    if beta.dtype != y.dtype:                                   # (bfloat16: y, a are float32)
+        beta, u0_norm = beta.to(y.dtype), u0_norm.to(y.dtype)
+    spread = torch.add(torch.linalg.vector_norm(y, 1, dim=1), u0_norm, alpha=ROUNDING_START / ROUNDING_CYCLE)
+    return torch.addcmul(beta, a, spread).mul_(eps * ROUNDING_CYCLE)
 
 
 def _cycle_check(run: _Run, rows: list[Tensor], active: Tensor, period: int, threshold) -> tuple[int, int]:
@@ -275,14 +275,17 @@ def _deferred_cycle(solver: GMRES, run: _Run, members: Tensor, m: int, period: i
         Rk = torch.where(used.unsqueeze(1) & used.unsqueeze(2), R[:, :k, :k], _identity(k, R.dtype, R.device))
         g = torch.where(used, beta.unsqueeze(1).to(R.dtype) * qe1[:, :k], 0)
         y = torch.linalg.solve_triangular(Rk, g.unsqueeze(2), upper=True).squeeze(2)
-        # the residual of the update, from the basis: V^T (beta e1 - Hbar y) over each sample's own columns (zero
-        # past them; its rows past steps + 1 are zero too: Hessenberg)
-        Hu = torch.where(used.unsqueeze(1), H[:, : k + 1, :k], 0)
-        coefficients = torch.bmm(Hu, y.unsqueeze(2)).squeeze(2).neg()
-        coefficients[:, 0] += beta.to(coefficients.dtype)
-        residual = torch.bmm(coefficients.to(V.dtype).unsqueeze(1), V[:, : k + 1]).squeeze(1)
-        run.recurrence = (residual, recurrence_bound(eps, beta, y, Hu.norm(dim=1), run.u))
-        y = y.to(V.dtype)
+        # the residual of the update, from the basis: r0 - V^T Hbar y (r0 = beta v_1 = run.r for the members; y is
+        # zero past a sample's own columns, so the columns a stopped sample went on adding between checks drop
+        # out, unless NaN: then r is NaN and close() computes the product). A few operations: no mask, no copy
+        Hk = H[:, : k + 1, :k]
+        Hy = torch.bmm(Hk, y.unsqueeze(2)).transpose(1, 2)                              # [B, 1, k + 1]
+        if Hy.dtype != V.dtype:
+            Hy = Hy.to(V.dtype)
+        residual = torch.baddbmm(run.r.unsqueeze(1), Hy, V[:, : k + 1], alpha=-1).squeeze(1)
+        run.recurrence = (residual, recurrence_bound(eps, beta, y, Hk.norm(dim=1).amax(1), run.u))
+        if y.dtype != V.dtype:
+            y = y.to(V.dtype)
         du = run.precondition(torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1))
         run.u = torch.where((steps > 0).unsqueeze(1), run.u + du, run.u)
     return None
