@@ -320,8 +320,8 @@ def _adjoint_bound(t: dict, found: dict) -> str:
         peer = min(hits(False), key=lambda x: x[1]["vjps"] + x[1]["jvps"])
         gap = fp[1]["vjps"] + fp[1]["jvps"] - peer[1]["vjps"] - peer[1]["jvps"]
         return (f"{gap} product(s): fpgrad {fp[0]['solver']} builds the same Krylov space as {peer[0]['library']} "
-                f"{peer[0]['solver']}; its cycle ends with one extra VJP for the true residual (the error of the "
-                "k-step iterates differs by round-off near the target)")
+                f"{peer[0]['solver']}; its cycle ends with a true-residual VJP where the residual formed from its "
+                "basis cannot decide (rounding of the tolerance's size, or a preconditioner)")
     if t["target"].startswith("adjoint time"):
         fp = min(hits(True), key=lambda x: x[1].get("seconds_median", float("inf")))
         peer = min(hits(False), key=lambda x: x[1].get("seconds_median", float("inf")))
