@@ -172,7 +172,8 @@ class LinearSolution(_Result):
     u: [B, n] solution (rows of diverged samples are NaN, never a plausible number).
     residuals: [iters + 1, B] RELATIVE residual ||b - (I - M) u|| / ||b|| per iteration of the batch, row 0
         the initial guess (recursive estimates inside Krylov cycles); a sample's entries are frozen while it
-        does not iterate, and from its last iteration on they are the true residual of the returned u.
+        does not iterate, and from its last iteration on they are the true residual of the returned u (for
+        GMRES, where rounding cannot change the verdict, the one formed from its basis: equal up to rounding).
     converged, diverged: [B] bool.  iterations: [B] long.  status: [B] Status of each sample.
     matvecs / rmatvecs: applications of M / M^T (batched calls: VJPs / JVPs in fpgrad); of the matvecs,
     low_precision_matvecs ran in a lower dtype (MixedPrecision).
