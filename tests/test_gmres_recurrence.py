@@ -11,15 +11,16 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
-from torch import Tensor
+from linsolve_helpers import Problem
 
 from fpgrad.linsolve import GCRODR, GMRES, _common
 from fpgrad.linsolve._common import CONVERGED, MAX_ITER
 
 
-def contraction(B: int, n: int, rho: float, seed: int, dtype=torch.float64, normal: bool = True):
+def contraction(B: int, n: int, rho: float, seed: int, dtype=torch.float64, normal: bool = True) -> Problem:
     """M = W: [B, n, n] with ||W||_2 = rho (normal=False: rho I plus a strictly upper triangular part of norm
-    about 1, far from normal), b: [B, n]; the operator and the float64 matrix it applies exactly."""
+    about 1, far from normal), b: [B, n]; Problem.residual recomputes a residual in float64 from the operator's
+    own (cast) matrix."""
     g = torch.Generator().manual_seed(seed)
     if normal:
         W = torch.randn(B, n, n, generator=g, dtype=torch.float64)
@@ -27,16 +28,9 @@ def contraction(B: int, n: int, rho: float, seed: int, dtype=torch.float64, norm
     else:
         W = torch.triu(torch.randn(B, n, n, generator=g, dtype=torch.float64), 1) / math.sqrt(n)
         W = W + rho * torch.eye(n, dtype=torch.float64)
-    W = W.to(dtype)
-    b = torch.randn(B, n, generator=g, dtype=torch.float64).to(dtype)
-    return (lambda v: torch.bmm(W, v.unsqueeze(2)).squeeze(2)), b, W.double()
-
-
-def exact_residual(W: Tensor, b: Tensor, u: Tensor) -> Tensor:
-    """||b - (I - W) u|| / ||b|| in float64 from the operator's own (cast) matrix: [B]."""
-    u64, b64 = u.double(), b.double()
-    r = b64 - u64 + torch.bmm(W, u64.unsqueeze(2)).squeeze(2)
-    return r.norm(dim=1) / b64.norm(dim=1)
+    b = torch.randn(B, n, generator=g, dtype=torch.float64)
+    u = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - W, b.unsqueeze(2)).squeeze(2)
+    return Problem(W.to(dtype), b.to(dtype), u)
 
 
 SOLVERS = {
@@ -56,36 +50,36 @@ def forced(monkeypatch):
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_a_converged_solve_spends_no_product_on_its_last_residual(name, monkeypatch):
     solver, B = SOLVERS[name]
-    M, b, W = contraction(B, 60, 0.9, seed=1)
-    saved = solver.solve(M, b)
+    p = contraction(B, 60, 0.9, seed=1)
+    saved = solver.solve(p.M, p.b)
     forced(monkeypatch)
-    reference = solver.solve(M, b)
+    reference = solver.solve(p.M, p.b)
     assert saved.converged.all() and reference.converged.all()
     assert saved.iterations.tolist() == reference.iterations.tolist()
     assert saved.matvecs == reference.matvecs - 1, (saved.matvecs, reference.matvecs)
     torch.testing.assert_close(saved.u, reference.u, rtol=0, atol=1e-12)
     # the reported last residual is the returned u's: against the float64 residual of the same matrix
-    exact = exact_residual(W, b, saved.u)
+    exact = p.residual(saved.u)
     assert (exact <= 1e-10).all(), exact
     torch.testing.assert_close(saved.residuals[-1], exact, rtol=1e-3, atol=1e-15)
 
 
 def test_restarted_cycles_start_from_true_residuals():
     """Only the last cycle is spared its product: each restart still needs b - A u."""
-    M, b, W = contraction(1, 60, 0.95, seed=2)
+    p = contraction(1, 60, 0.95, seed=2)
     restart = 6
-    sol = GMRES(tol=1e-10, restart=restart, max_iter=400).solve(M, b)
+    sol = GMRES(tol=1e-10, restart=restart, max_iter=400).solve(p.M, p.b)
     iterations = int(sol.iterations.max())
     cycles = math.ceil(iterations / restart)
     assert cycles > 3
     assert sol.matvecs == iterations + cycles - 1
-    assert (exact_residual(W, b, sol.u) <= 1e-10).all()
+    assert (p.residual(sol.u) <= 1e-10).all()
 
 
 def test_a_preconditioned_solve_keeps_its_product():
     """The bound does not cover a preconditioner's rounding (||A|| ||P|| may be far above ||A P||)."""
-    M, b, W = contraction(3, 60, 0.9, seed=3)
-    sol = GMRES(tol=1e-10, restart=80, check_every=1).solve(M, b, preconditioner=lambda v: 1.5 * v)
+    p = contraction(3, 60, 0.9, seed=3)
+    sol = GMRES(tol=1e-10, restart=80, check_every=1).solve(p.M, p.b, preconditioner=lambda v: 1.5 * v)
     assert sol.converged.all()
     assert sol.matvecs == int(sol.iterations.max()) + 1
 
@@ -93,25 +87,25 @@ def test_a_preconditioned_solve_keeps_its_product():
 @pytest.mark.parametrize("check_every", [1, 4])
 def test_the_end_of_the_budget_reports_the_formed_residual(check_every, monkeypatch):
     """tol = 0, max_iter = 12: no sample can converge; the last residual needs no product to be reported."""
-    M, b, W = contraction(3, 60, 0.9, seed=4)
+    p = contraction(3, 60, 0.9, seed=4)
     solver = GMRES(tol=0.0, restart=80, max_iter=12, check_every=check_every)
-    sol = solver.compute(M, b)
+    sol = solver.compute(p.M, p.b)
     assert (sol.status == MAX_ITER).all()
     assert sol.matvecs == 12
-    exact = exact_residual(W, b, sol.u)
+    exact = p.residual(sol.u)
     torch.testing.assert_close(sol.residuals[-1], exact, rtol=1e-6, atol=0)
     forced(monkeypatch)
-    assert solver.compute(M, b).matvecs == 13
+    assert solver.compute(p.M, p.b).matvecs == 13
 
 
 def test_a_bfloat16_solve_checks_with_a_product():
     """At bfloat16's eps the bound is of the tolerance's size: the verdict is decided by the product."""
-    M, b, W = contraction(3, 40, 0.8, seed=5, dtype=torch.bfloat16)
-    sol = GMRES(tol=5e-2, restart=40, check_every=1).compute(M, b)
+    p = contraction(3, 40, 0.8, seed=5, dtype=torch.bfloat16)
+    sol = GMRES(tol=5e-2, restart=40, check_every=1).compute(p.M, p.b)
     assert sol.matvecs == int(sol.iterations.max()) + 1
     converged = sol.status == CONVERGED
     assert converged.any()
-    assert (exact_residual(W, b, sol.u)[converged] <= 5e-2 * 1.1).all()
+    assert (p.residual(sol.u)[converged] <= 5e-2 * 1.1).all()
 
 
 @settings(max_examples=30, deadline=None)
@@ -125,14 +119,14 @@ def test_a_sample_called_converged_is_converged(seed, n, B, rho, normal, dtype, 
     operator's own matrix, meets the tolerance, and every reported final residual is that residual up to the
     rounding of a product."""
     tol = 1e-9 if dtype == torch.float64 else 1e-4
-    M, b, W = contraction(B, n, rho, seed, dtype=dtype, normal=normal)
-    sol = GMRES(tol=tol, restart=restart, max_iter=300, check_every=check_every).compute(M, b)
-    exact = exact_residual(W, b, sol.u)
+    p = contraction(B, n, rho, seed, dtype=dtype, normal=normal)
+    sol = GMRES(tol=tol, restart=restart, max_iter=300, check_every=check_every).compute(p.M, p.b)
+    exact = p.residual(sol.u)
     converged = sol.status == CONVERGED
     assert (exact[converged] <= 1.1 * tol).all(), (exact, sol.status)
     eps = torch.finfo(dtype).eps
     # a product's rounding: eps ||I - W|| ||u|| (relative to ||b||), far above eps where ||u|| >> ||b||
-    scale = (1 + torch.linalg.matrix_norm(W, 2)) * sol.u.double().norm(dim=1) / b.double().norm(dim=1)
+    scale = (1 + torch.linalg.matrix_norm(p.Mmat.double(), 2)) * sol.u.double().norm(dim=1) / p.b.double().norm(dim=1)
     finite = torch.isfinite(sol.residuals[-1])
     gap = (sol.residuals[-1].double() - exact).abs()
     assert (gap[finite] <= 100 * eps * math.sqrt(n) * scale[finite] + 1e-3 * exact[finite]).all(), (gap, scale)
@@ -161,9 +155,9 @@ def test_the_bound_holds_the_measured_gaps_with_room(monkeypatch):
             for n in (50, 300, 1500):
                 for seed in range(2):
                     case.append((str(dtype), normal, n, seed))
-                    M, b, _ = contraction(3, n, 0.99 if normal else 0.9, seed, dtype=dtype, normal=normal)
+                    p = contraction(3, n, 0.99 if normal else 0.9, seed, dtype=dtype, normal=normal)
                     for check_every in (1, 4):
-                        GMRES(tol=tol, restart=60, max_iter=300, check_every=check_every).compute(M, b)
+                        GMRES(tol=tol, restart=60, max_iter=300, check_every=check_every).compute(p.M, p.b)
     assert len(ratios) == len(case)
     worst = max(ratios, key=ratios.get)
     assert ratios[worst] <= 0.25, (worst, ratios[worst])

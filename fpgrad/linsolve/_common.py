@@ -265,8 +265,6 @@ class _Run:
             self.refresh(mask)
             return False
         # every sample of `mask` ends here, so self.r, which only a next cycle reads, is left as it is
-        if rel.dtype != self.rel.dtype:
-            rel = rel.to(self.rel.dtype)
         self.rel = torch.where(mask, rel, self.rel)
         self._classify(self.rel, mask, converge=True)
         return True

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._common import DIVERGED_CODES, MAX_ITER, STAGNATED, LinearSolver, _Run, safe, small_dtype
-from ._gmres import INITIAL_CAPACITY, givens_column, least_squares, orthogonalise, recurrence_bound
+from ._gmres import INITIAL_CAPACITY, formed_residual, givens_column, least_squares, orthogonalise
 from ._recycle import RecycleSpace
 
 
@@ -131,11 +131,9 @@ class GCRODR(LinearSolver):
                 # as GMRES: the residual of the update formed from the basis, which spares close() its matvec.
                 # (With a recycled space it would also rest on A U = C, whose rounding the SVD that made C can
                 # scale by up to 1 / sqrt(eps): there the true residual is computed.)
-                Hs = ws.H[:, : s + 1, :s].to(y.dtype)
-                coefficients = torch.bmm(Hs, y.unsqueeze(2)).squeeze(2).neg()
-                coefficients[:, 0] += beta.to(y.dtype)
-                residual = torch.bmm(coefficients.unsqueeze(1), ws.W[:, k : k + s + 1]).squeeze(1)
-                run.recurrence = (residual, recurrence_bound(eps, beta, y, Hs.norm(dim=1).amax(1), run.u))
+                # (r = beta W[:, k], the residual after the projection, is this cycle's starting residual)
+                run.recurrence = formed_residual(r, ws.H[:, : s + 1, :s], y, ws.W[:, k : k + s + 1], beta, run.u,
+                                                 eps)
             By = torch.bmm(ws.Bk[:, :, :s], y.unsqueeze(2)).squeeze(2)
             t = t + torch.bmm(y.unsqueeze(1), ws.W[:, k : k + s]).squeeze(1) - torch.bmm(By.unsqueeze(1), U).squeeze(1)
         run.u = torch.where(members.unsqueeze(1), run.u + run.precondition(t), run.u)

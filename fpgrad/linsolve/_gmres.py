@@ -159,6 +159,18 @@ def recurrence_bound(eps: float, beta: Tensor, y: Tensor, a: Tensor, u0: Tensor)
     return torch.addcmul(beta, a, spread).mul_(eps * ROUNDING_CYCLE)
 
 
+def formed_residual(r0: Tensor, H: Tensor, y: Tensor, V: Tensor, beta: Tensor, u0: Tensor, eps: float
+                    ) -> tuple[Tensor, Tensor]:
+    """(r0 - V^T Hbar y, its recurrence_bound): the residual of u0 + V[:, :k] y formed from an Arnoldi basis
+    V: [B, k + 1, n] with A V[:, :k] = V Hbar (H: [B, k + 1, k]) and r0 = beta V[:, 0] (the cycle's starting
+    residual), without a product. Six operations."""
+    Hy = torch.bmm(H, y.unsqueeze(2)).transpose(1, 2)                                   # [B, 1, k + 1]
+    if Hy.dtype != V.dtype:
+        Hy = Hy.to(V.dtype)
+    residual = torch.baddbmm(r0.unsqueeze(1), Hy, V, alpha=-1).squeeze(1)
+    return residual, recurrence_bound(eps, beta, y, H.norm(dim=1).amax(1), u0)
+
+
 def _cycle_check(run: _Run, rows: list[Tensor], active: Tensor, period: int, threshold) -> tuple[int, int]:
     """A batched cycle's host check: (0 if no sample is active, else 1; steps until the next check). rows: the
     cycle's residual columns [B, 1], the first being the run's last row; the prediction reads the residuals
@@ -275,15 +287,9 @@ def _deferred_cycle(solver: GMRES, run: _Run, members: Tensor, m: int, period: i
         Rk = torch.where(used.unsqueeze(1) & used.unsqueeze(2), R[:, :k, :k], _identity(k, R.dtype, R.device))
         g = torch.where(used, beta.unsqueeze(1).to(R.dtype) * qe1[:, :k], 0)
         y = torch.linalg.solve_triangular(Rk, g.unsqueeze(2), upper=True).squeeze(2)
-        # the residual of the update, from the basis: r0 - V^T Hbar y (r0 = beta v_1 = run.r for the members; y is
-        # zero past a sample's own columns, so the columns a stopped sample went on adding between checks drop
-        # out, unless NaN: then r is NaN and close() computes the product). A few operations: no mask, no copy
-        Hk = H[:, : k + 1, :k]
-        Hy = torch.bmm(Hk, y.unsqueeze(2)).transpose(1, 2)                              # [B, 1, k + 1]
-        if Hy.dtype != V.dtype:
-            Hy = Hy.to(V.dtype)
-        residual = torch.baddbmm(run.r.unsqueeze(1), Hy, V[:, : k + 1], alpha=-1).squeeze(1)
-        run.recurrence = (residual, recurrence_bound(eps, beta, y, Hk.norm(dim=1).amax(1), run.u))
+        # (y is zero past a sample's own columns, so the columns a stopped sample went on adding between checks
+        # drop out, unless NaN: then the residual is NaN and close() computes the product)
+        run.recurrence = formed_residual(run.r, H[:, : k + 1, :k], y, V[:, : k + 1], beta, run.u, eps)
         if y.dtype != V.dtype:
             y = y.to(V.dtype)
         du = run.precondition(torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1))
@@ -363,10 +369,9 @@ def _single_cycle(solver: GMRES, run: _Run) -> None:
             q[i], q[i + 1] = cs[i] * a - sn[i] * b, sn[i] * a + cs[i] * b
         coefficients = torch.tensor([g[k] * x for x in q], dtype=run.b.dtype, device=run.b.device)
         residual = torch.mv(V[: k + 1].T, coefficients).unsqueeze(0)
-        a = float(np.linalg.norm(R, axis=0).max())
-        bound = eps * (ROUNDING_CYCLE * (beta + a * float(np.abs(y).sum())) + ROUNDING_START * a * float(run.u.norm()))
-        run.recurrence = (residual, torch.full_like(run.rel, bound))
         y = torch.as_tensor(y, dtype=run.b.dtype).to(run.b.device)
+        a = run.rel.new_full((1,), float(np.linalg.norm(R, axis=0).max()))
+        run.recurrence = (residual, recurrence_bound(eps, run.rel.new_full((1,), beta), y.unsqueeze(0), a, run.u))
         run.u = run.u + run.precondition(torch.mv(V[:k].T, y).unsqueeze(0))
     return None
 
